@@ -1,0 +1,171 @@
+"""train_vae.py as a user runs it: subprocess CLI runs, kill -9 and resume, two-process DDP."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import augvae
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a few seconds per run: 32 px shapes, batch 4, the small preset
+TINY = ["--image-size", "32", "--batch-size", "4", "--train-size", "64", "--val-size", "8",
+        "--grid-images", "4", "--log-every", "1"]
+
+
+def run(args, timeout=240, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_vae.py"), *args], cwd=kw.get("cwd", ROOT),
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def ml_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae") / "ml"
+    r = run(["--ml", *TINY, "--max-steps", "6", "--eval-every", "3", "--ckpt-every", "3", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_ml_then_sl_smoke(ml_run, tmp_path):
+    for f in ("ckpt.pt", "log.txt", "config.json", "recon_000003.png", "recon_000006.png"):
+        assert (ml_run / f).exists(), f
+    c = ckpt(ml_run / "ckpt.pt")
+    assert c["kind"] == "augvae" and c["step"] == 6 and not c["config"]["single_level"]
+    log = (ml_run / "log.txt").read_text()
+    assert "LPIPS is off" in log and "val_psnr" in log and "codebook usage" in log
+    grid = Image.open(ml_run / "recon_000006.png")
+    assert grid.height > 2 * 32 and grid.width >= 4 * 32  # inputs above, reconstructions below
+
+    sl_out = tmp_path / "sl"
+    r = run(["--sl", "--init", str(ml_run / "ckpt.pt"), *TINY, "--max-steps", "3", "--out", str(sl_out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = ckpt(sl_out / "ckpt.pt")
+    assert s["config"]["single_level"] and s["step"] == 3
+    model = augvae.AugVAE(augvae.AugVAEConfig.from_dict(s["config"]))
+    model.load_state_dict(s["model"])
+    # the encoders came from the ML run (then fine-tuned 3 steps: close, not equal)
+    ml_w, sl_w = c["model"]["enc.0.conv_in.weight"], s["model"]["enc.0.conv_in.weight"]
+    assert not torch.equal(ml_w, sl_w) and torch.allclose(ml_w, sl_w, atol=0.05)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model.eval().encode(x).shape == (2, 4, 4)  # 32 px / 8
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+    args = ["--ml", *TINY, "--max-steps", "40", "--eval-every", "5", "--ckpt-every", "4", "--plateau-patience", "1"]
+    full = tmp_path / "full"
+    r = run([*args, "--out", str(full)])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_vae.py"), *args, "--out", str(cut)],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log = cut / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill right after the second checkpoint is announced
+        if log.exists() and "saved checkpoint step 8" in log.read_text():
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = ckpt(cut / "ckpt.pt")["step"]  # loads: the file was never half-written
+    assert 8 <= killed_at < 40, "the run finished before the kill; make it longer"
+
+    r = run(["--resume", "--out", str(cut)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = ckpt(full / "ckpt.pt"), ckpt(cut / "ckpt.pt")
+    assert a["step"] == b["step"] == 40
+    assert_same_state(a["model"], b["model"])  # bitwise, codebook buffers included
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert "resuming" in (cut / "log.txt").read_text()
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tests", "ddp_train_vae.py"),
+           "--ml", *TINY, "--max-steps", "4", "--eval-every", "2", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s0, s1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert_same_state(s0, s1)  # weights AND the EMA codebook statistics
+    assert int(s0["quantizer.updates"]) == 4 * 4  # 4 levels x 4 steps
+    saved = ckpt(out / "ckpt.pt")
+    assert_same_state(saved["model"], s0)
+    assert "2 process(es)" in (out / "log.txt").read_text()
+
+
+def test_image_folder_with_a_corrupt_file_is_skipped(tmp_path):
+    folder = tmp_path / "imgs" / "class_a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    out = tmp_path / "run"
+    r = run(["--ml", *TINY, "--data", str(tmp_path / "imgs"), "--val-fraction", "0.25", "--max-steps", "3",
+             "--workers", "0", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "broken.jpg" in r.stderr  # warned, not fatal
+    assert (out / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sl"], "--sl needs --init"),
+    (["--sl", "--init", "nowhere.pt"], "nowhere.pt: no such file"),
+    ([], "say which stage"),
+    (["--ml", "--resume", "--out", "nowhere"], "no checkpoint at"),
+    (["--ml", "--data", "no/such/folder"], "no such folder"),
+    (["--ml", "--dtype", "float8"], "--dtype"),
+    (["--ml", "--preset", "huge"], "unknown AugVAE preset"),
+    (["--ml", "--lpips-vgg", "x.pth"], "needs both"),
+])
+def test_bad_input_gives_one_line_error(args, message, tmp_path):
+    r = run([*args, "--max-steps", "1"], cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_wrong_checkpoints_are_refused(ml_run, tmp_path):
+    sl = tmp_path / "sl"
+    r = run(["--sl", "--init", str(ml_run / "ckpt.pt"), *TINY, "--max-steps", "1", "--out", str(sl)])
+    assert r.returncode == 0, r.stderr
+    r = run(["--sl", "--init", str(sl / "ckpt.pt"), "--max-steps", "1"], cwd=tmp_path)
+    assert r.returncode == 2 and "already a single-level" in r.stderr
+    other = tmp_path / "other.pt"
+    torch.save({"kind": "biart", "config": {}, "model": {}}, other)
+    r = run(["--sl", "--init", str(other)], cwd=tmp_path)
+    assert r.returncode == 2 and "'biart' checkpoint, expected 'augvae'" in r.stderr
+    newer = tmp_path / "newer.pt"
+    c = ckpt(ml_run / "ckpt.pt")
+    c["format_version"] = 99
+    torch.save(c, newer)
+    r = run(["--sl", "--init", str(newer)], cwd=tmp_path)
+    assert r.returncode == 2 and "newer" in r.stderr
+    evil = tmp_path / "evil.pt"
+    torch.save({"kind": "augvae", "config": {}, "model": {}, "x": data.ShapesDataset}, evil)  # a pickled class
+    r = run(["--sl", "--init", str(evil)], cwd=tmp_path)
+    assert r.returncode == 2 and "not a loadable weights file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

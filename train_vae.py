@@ -1,0 +1,493 @@
+"""
+Train AugVAE (stage 1 of L-Verse): multi-level first, then fine-tune the single-level model.
+
+    python train_vae.py --ml                                   # built-in shapes, CPU size
+    python train_vae.py --sl --init out/vae_ml/ckpt.pt
+    torchrun --nproc_per_node 8 train_vae.py --ml --preset paper --data /data/imagenet \
+        --batch-size 8 --dtype float32 --lpips-vgg vgg16.pth --lpips-heads lpips_vgg.pth
+
+One script for CPU, one GPU and many (torchrun: gloo on CPU, NCCL on CUDA). Every setting
+below is a command-line flag (`--help`); the resolved settings go to OUT/config.json.
+A kill at any point loses at most `--ckpt-every` steps: `--resume` picks up from OUT/ckpt.pt
+and, on CPU, reproduces the uninterrupted run bit for bit.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import augvae
+import data
+
+# -----------------------------------------------------------------------------------------
+# defaults: each is the flag of the same name (underscores become dashes)
+DEFAULTS = dict(
+    stage=None,            # 'ml' or 'sl' (the --ml / --sl switches)
+    init="",               # SL: the ML checkpoint to fine-tune from
+    out="",                # output folder; '' -> out/vae_ml or out/vae_sl
+    resume=False,          # continue from OUT/ckpt.pt (fails if there is none)
+    # model
+    preset="small",        # 'small' (64 px CPU demo) or 'paper' (256 px, 8192 x 256 codebook)
+    image_size=0,          # 0 -> the preset's
+    quantizer="robust",    # 'robust' (data init + dead-code restarts) or 'faithful' (the release)
+    sl_quantize_finest=False,  # SL: also quantize the unused 64x64 level like the release
+    # data
+    data="shapes",         # 'shapes' (built in) or an image folder (with train/ and val/, or split)
+    num_objects=1,         # shapes: objects per image
+    train_size=20000,      # shapes: training images (generated on the fly)
+    val_size=256,          # shapes: validation images; folders: at most this many are evaluated
+    val_fraction=0.01,     # folders without val/: share held out for validation
+    workers=0,             # DataLoader worker processes
+    # optimisation (appendix A)
+    batch_size=32,         # images per process per micro-step
+    grad_accum=1,          # micro-steps per optimizer step
+    max_steps=1500,        # optimizer steps in all (resume continues to this)
+    lr=0.0,                # 0 -> lr_per_sample x total batch
+    lr_per_sample=4.5e-6,  # the paper's rule: lr = 4.5e-6 x batch size
+    weight_decay=1e-5,
+    plateau_patience=3,    # halve the lr after this many evaluations without a better val loss
+    min_lr=1e-6,           # never halve below this
+    grad_clip=0.0,         # 0: no clipping (the release does not clip)
+    # loss
+    lpips_vgg="",          # torchvision vgg16 weights (.pth); with --lpips-heads turns LPIPS on
+    lpips_heads="",        # LPIPS v0.1 linear heads for vgg (.pth)
+    lpips_weight=0.1,
+    fg_weight=-1.0,        # <0 -> 10 on the built-in shapes, 1 (plain MSE) elsewhere
+    # system
+    device="auto",         # 'auto', 'cpu', 'cuda', 'cuda:N'
+    dtype="float32",       # autocast on CUDA: 'float32', 'bfloat16' or 'float16' (GradScaler)
+    seed=0,
+    log_every=20,
+    eval_every=250,        # evaluate, save a reconstruction grid and checkpoint every N steps
+    ckpt_every=250,
+    grid_images=8,
+)
+
+HELP = dict(
+    init="ML checkpoint to fine-tune into SL (needed by --sl unless --resume)",
+    out="output folder for ckpt.pt, log.txt, config.json and grids (default out/vae_ml or out/vae_sl)",
+    resume="continue exactly where OUT/ckpt.pt stopped; an error if it does not exist",
+    preset="model preset: " + ", ".join(augvae.PRESETS),
+    image_size="image resolution in pixels; 0 takes the preset's",
+    quantizer="'robust': data-driven codebook init and dead-code restarts; 'faithful': the release's behaviour",
+    sl_quantize_finest="SL only: still quantize the 64x64 level (adds its commitment loss and codebook updates), as the released code does",
+    data="'shapes' for the built-in captioned shapes, or a folder of images (ImageNet-style or flat)",
+    num_objects="shapes: objects per image (1 or 2)",
+    train_size="shapes: number of training images",
+    val_size="validation images (shapes: generated; folders: at most this many evaluated)",
+    val_fraction="image folders without a val/ subfolder: fraction held out for validation",
+    workers="DataLoader worker processes (0 loads in the main process)",
+    batch_size="images per process per micro-step",
+    grad_accum="micro-steps accumulated per optimizer step",
+    max_steps="total optimizer steps",
+    lr="learning rate; 0 derives it as --lr-per-sample x total batch size",
+    lr_per_sample="learning rate per image of the total batch (paper: 4.5e-6)",
+    weight_decay="AdamW weight decay (paper: 1e-5)",
+    plateau_patience="evaluations without a better validation loss before the lr is halved",
+    min_lr="lower bound for the halving",
+    grad_clip="clip the gradient norm to this (0: off, as in the release)",
+    lpips_vgg="torchvision VGG16 weights file (e.g. vgg16-397923af.pth); LPIPS needs it and --lpips-heads",
+    lpips_heads="LPIPS v0.1 linear-head weights for VGG (the lpips project's weights/v0.1/vgg.pth)",
+    lpips_weight="weight of LPIPS in the loss (paper: 0.1)",
+    fg_weight="weight of foreground pixels (those far from the image's median colour) in the MSE; <0: 10 on shapes, 1 elsewhere",
+    device="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'",
+    dtype="autocast dtype on CUDA: float32 (off), bfloat16, or float16 with a GradScaler; the quantizer always runs in fp32",
+    seed="random seed (model init, data order, augmentation)",
+    log_every="log the training loss every N steps",
+    eval_every="evaluate on the validation set and save a reconstruction grid every N steps",
+    ckpt_every="write OUT/ckpt.pt every N steps (and at the end)",
+    grid_images="images in each reconstruction grid",
+)
+
+FORMAT_VERSION = 1
+
+
+def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train AugVAE-ML (--ml), or fine-tune it into AugVAE-SL (--sl --init ML.pt).",
+        argument_default=argparse.SUPPRESS if suppress else None)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ml", dest="stage", action="store_const", const="ml", help="train the multi-level model")
+    g.add_argument("--sl", dest="stage", action="store_const", const="sl", help="fine-tune the single-level model from --init")
+    for k, v in DEFAULTS.items():
+        if k == "stage":
+            continue
+        flag = "--" + k.replace("_", "-")
+        kw = {} if suppress else {"default": v}
+        if isinstance(v, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=HELP[k], **kw)
+        else:
+            p.add_argument(flag, type=type(v), help=HELP[k] + f" (default: {v!r})", **kw)
+    return p
+
+
+def parse_config(argv: list) -> dict:
+    cfg = vars(build_parser().parse_args(argv))
+    given = vars(build_parser(suppress=True).parse_args(argv))
+    cfg["_given"] = sorted(given)
+    return cfg
+
+
+class TrainingError(Exception):
+    """A failure that stops training with a one-line message (the last checkpoint is kept)."""
+
+
+# -----------------------------------------------------------------------------------------
+# data: a resumable, rank-sharded order of micro-batches
+
+class EpochIndexed(torch.utils.data.Dataset):
+    """Index j = epoch * n + i -> dataset[i] with the dataset's augmentation RNG set for that
+    epoch, so random crops depend only on (seed, epoch, i): reproducible across resumes and
+    worker processes."""
+
+    def __init__(self, ds, n: int):
+        self.ds, self.n = ds, n
+
+    def __getitem__(self, j):
+        epoch, i = divmod(j, self.n)
+        base = self.ds.dataset if isinstance(self.ds, torch.utils.data.Subset) else self.ds
+        if hasattr(base, "set_epoch"):
+            base.set_epoch(epoch)
+        return self.ds[i]
+
+    def __len__(self):
+        return 1 << 62
+
+
+class MicroBatches(torch.utils.data.Sampler):
+    """Endless micro-batches of dataset indices, starting at micro-batch `start`. Each epoch
+    is a permutation seeded by (seed, epoch); rank r takes the r-th slice of every group of
+    `world` micro-batches, so the order depends only on (seed, batch size, world size)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, start: int):
+        self.n, self.bs, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"{n} training images are fewer than one batch of {batch_size} x {world} processes")
+
+    def __iter__(self):
+        b, perm_epoch, perm = self.start, -1, None
+        while True:
+            epoch, k = divmod(b, self.per_epoch)
+            if epoch != perm_epoch:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+                perm_epoch = epoch
+            s = (k * self.world + self.rank) * self.bs
+            yield [epoch * self.n + int(i) for i in perm[s:s + self.bs]]
+            b += 1
+
+
+def make_datasets(cfg: dict, image_size: int) -> tuple:
+    """-> (train dataset, validation dataset) of (3, H, W) tensors in [-1, 1]."""
+    if cfg["data"] == "shapes":
+        train = data.ShapesDataset("train", cfg["train_size"], image_size, cfg["num_objects"], cfg["seed"])
+        val = data.ShapesDataset("val", cfg["val_size"], image_size, cfg["num_objects"], cfg["seed"])
+        return train, val
+    root = cfg["data"]
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data {root!r}: no such folder (use 'shapes' for the built-in data)")
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+        train = data.ImageFolder(os.path.join(root, "train"), image_size, train=True, seed=cfg["seed"])
+        val = data.ImageFolder(os.path.join(root, "val"), image_size, train=False, seed=cfg["seed"])
+        val_idx = list(range(len(val)))
+    else:
+        train = data.ImageFolder(root, image_size, train=True, seed=cfg["seed"])
+        val = data.ImageFolder(root, image_size, train=False, seed=cfg["seed"])
+        train_idx, val_idx = data.split_indices(len(train), cfg["val_fraction"], cfg["seed"])
+        train = torch.utils.data.Subset(train, train_idx)
+    val = torch.utils.data.Subset(val, val_idx[:cfg["val_size"]])
+    return train, val
+
+
+# -----------------------------------------------------------------------------------------
+# checkpoints
+
+def load_ml_for_sl(path: str, cfg: dict) -> augvae.AugVAE:
+    ckpt = data.load_checkpoint(path, augvae.CHECKPOINT_KIND)
+    mcfg = augvae.AugVAEConfig.from_dict(ckpt["config"])
+    if mcfg.single_level:
+        raise ValueError(f"--init {path}: is already a single-level (SL) checkpoint; give the ML one")
+    ml = augvae.AugVAE(mcfg)
+    ml.load_state_dict(ckpt["model"], strict=True)
+    return augvae.ml_to_sl(ml, sl_quantize_finest=cfg["sl_quantize_finest"])
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# -----------------------------------------------------------------------------------------
+
+def main(argv: list | None = None) -> augvae.AugVAE:
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+
+    # -- processes and device ------------------------------------------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        if cfg["device"].startswith("cuda"):
+            cfg["device"] = f"cuda:{local}"
+            torch.cuda.set_device(cfg["device"])
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    device = torch.device(cfg["device"])
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg["dtype"])
+    if dtype is None:
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {cfg['dtype']!r}")
+    amp = device.type == "cuda" and dtype != torch.float32
+    ctx = torch.autocast(device.type, dtype=dtype) if amp else contextlib.nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # -- the run: fresh or resumed ----------------------------------------------------------
+    resume_ckpt = None
+    if cfg["resume"]:
+        out = cfg["out"]
+        if not out:
+            raise ValueError("--resume needs --out (the folder of the run to continue)")
+        path = os.path.join(out, "ckpt.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        resume_ckpt = data.load_checkpoint(path, augvae.CHECKPOINT_KIND)
+        saved = resume_ckpt["train"]
+        given = set(cfg.pop("_given")) - {"resume"}
+        cfg = {**saved, **{k: cfg[k] for k in given}, "resume": True, "device": cfg["device"]}
+    else:
+        cfg.pop("_given")
+        if cfg["stage"] is None:
+            raise ValueError("say which stage: --ml (multi-level) or --sl --init ML.pt (single-level)")
+        cfg["out"] = cfg["out"] or os.path.join("out", f"vae_{cfg['stage']}")
+    stage, out = cfg["stage"], cfg["out"]
+    if stage == "sl" and not cfg["resume"] and not cfg["init"]:
+        raise ValueError("--sl needs --init ML_CHECKPOINT (the trained AugVAE-ML)")
+    if cfg["fg_weight"] < 0:
+        cfg["fg_weight"] = 10.0 if cfg["data"] == "shapes" else 1.0
+
+    torch.manual_seed(cfg["seed"] + rank)
+    random.seed(cfg["seed"] + rank)
+
+    # -- model --------------------------------------------------------------------------------
+    if resume_ckpt is not None:
+        mcfg = augvae.AugVAEConfig.from_dict(resume_ckpt["config"])
+        model = augvae.AugVAE(mcfg)
+        model.load_state_dict(resume_ckpt["model"], strict=True)
+    elif stage == "sl":
+        model = load_ml_for_sl(cfg["init"], cfg)
+        mcfg = model.cfg
+    else:
+        overrides = dict(quantizer_mode=cfg["quantizer"])
+        if cfg["image_size"]:
+            overrides["image_size"] = cfg["image_size"]
+        mcfg = augvae.preset(cfg["preset"], **overrides)
+        model = augvae.AugVAE(mcfg)
+    if ddp:  # every rank starts from rank 0's weights and buffers
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, 0)
+    model.to(device)
+    raw = model
+    if ddp:
+        # buffers are kept identical by the quantizer's own all-reduce: no per-step broadcast
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False)
+
+    lpips = None
+    if cfg["lpips_vgg"] or cfg["lpips_heads"]:
+        if not (cfg["lpips_vgg"] and cfg["lpips_heads"]):
+            raise ValueError("LPIPS needs both --lpips-vgg and --lpips-heads")
+        lpips = augvae.load_lpips(data.load_weights(cfg["lpips_vgg"]), data.load_weights(cfg["lpips_heads"])).to(device)
+    loss_fn = augvae.ReconstructionLoss(lpips, cfg["lpips_weight"], cfg["fg_weight"])
+
+    total_batch = cfg["batch_size"] * cfg["grad_accum"] * world
+    lr = cfg["lr"] or cfg["lr_per_sample"] * total_batch
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
+    step, best_val, bad_evals = 0, math.inf, 0
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scaler.load_state_dict(resume_ckpt["scaler"])
+        step, best_val, bad_evals = resume_ckpt["step"], resume_ckpt["best_val"], resume_ckpt["bad_evals"]
+        set_rng_state(resume_ckpt["rng"][rank] if rank < len(resume_ckpt["rng"]) else resume_ckpt["rng"][0])
+        lr = optimizer.param_groups[0]["lr"]
+        del resume_ckpt
+
+    # -- data ---------------------------------------------------------------------------------
+    train_ds, val_ds = make_datasets(cfg, mcfg.image_size)
+    sampler = MicroBatches(len(train_ds), cfg["batch_size"], rank, world, cfg["seed"], step * cfg["grad_accum"])
+    loader = iter(torch.utils.data.DataLoader(EpochIndexed(train_ds, len(train_ds)), batch_sampler=sampler,
+                                              num_workers=cfg["workers"], pin_memory=device.type == "cuda",
+                                              generator=torch.Generator().manual_seed(cfg["seed"])))
+    val_loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world))),
+        batch_size=cfg["batch_size"], num_workers=cfg["workers"],
+        generator=torch.Generator().manual_seed(cfg["seed"]))  # keeps the global RNG untouched
+
+    # -- logging ------------------------------------------------------------------------------
+    log_file = None
+    if master:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({"train": cfg, "model": mcfg.to_dict(), "world_size": world}, f, indent=2)
+        log_file = open(os.path.join(out, "log.txt"), "a")
+
+    def log(msg: str):
+        if master:
+            tqdm.write(msg)
+            log_file.write(msg + "\n")
+            log_file.flush()
+
+    log(f"{'resuming' if cfg['resume'] else 'training'} AugVAE-{stage.upper()} in {out}: "
+        f"{augvae.count_parameters(raw):,} parameters, levels {mcfg.levels}, {world} process(es) on {device}, "
+        f"batch {total_batch}, lr {lr:.3g}, step {step}/{cfg['max_steps']}")
+    log("loss: MSE" + (f" + {cfg['lpips_weight']} LPIPS" if lpips else
+                       " only (LPIPS is off: give --lpips-vgg and --lpips-heads to turn it on)")
+        + (f", foreground weight {cfg['fg_weight']:g}" if cfg["fg_weight"] != 1 else ""))
+    for name, ds in (("train", train_ds), ("val", val_ds)):
+        bad = getattr(getattr(ds, "dataset", ds), "bad_files", None)
+        if bad:
+            log(f"{name}: {len(bad)} unreadable image(s) skipped so far: " + "; ".join(f"{p} ({r})" for p, r in bad[:20]))
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate() -> dict:
+        raw.eval()
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, psnr, images
+        counts = torch.zeros(len(mcfg.token_levels), mcfg.codebook_size, device=device)
+        grid = None
+        for x in val_loader:
+            x = x.to(device)
+            with ctx:
+                recon, commit, stats = raw(x)
+            loss, _ = loss_fn(recon, x)
+            sums += torch.tensor([float(loss + commit) * len(x), float(augvae.psnr(recon, x).sum()), len(x)],
+                                 device=device, dtype=torch.float64)
+            for j, l in enumerate(mcfg.token_levels):
+                counts[j] += torch.bincount(stats["indices"][l].flatten(), minlength=mcfg.codebook_size)
+            if grid is None:
+                grid = [x[:cfg["grid_images"]].cpu(), recon[:cfg["grid_images"]].float().clamp(-1, 1).cpu()]
+        if ddp:
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        raw.train()
+        n = max(float(sums[2]), 1.0)
+        res = {"val_loss": float(sums[0]) / n, "val_psnr": float(sums[1]) / n, "grid": grid}
+        res["usage"] = [int((c > 0).sum()) for c in counts]
+        res["perplexity"] = [augvae.perplexity(c) for c in counts]
+        return res
+
+    def save_checkpoint():
+        ckpt = {
+            "kind": augvae.CHECKPOINT_KIND, "format_version": FORMAT_VERSION,
+            "config": mcfg.to_dict(), "model": raw.state_dict(),
+            "train": {k: v for k, v in cfg.items() if k not in ("resume",)},
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "data_position": step * cfg["grad_accum"],
+            "best_val": best_val, "bad_evals": bad_evals, "rng": rngs,
+        }
+        data.save_checkpoint(ckpt, os.path.join(out, "ckpt.pt"))
+
+    # -- the training loop -------------------------------------------------------------------------
+    raw.train()
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc=f"AugVAE-{stage.upper()}",
+               dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    while step < cfg["max_steps"]:
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        terms_sum = {}
+        for micro in range(cfg["grad_accum"]):
+            x = next(loader).to(device, non_blocking=True)
+            sync = not ddp or micro == cfg["grad_accum"] - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
+                recon, commit, stats = model(x)
+                loss, terms = loss_fn(recon, x)
+                loss = loss + commit
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {float(loss)} at step {step}: stopping; the last good checkpoint "
+                                    f"is kept at {os.path.join(out, 'ckpt.pt')}")
+            scaler.scale(loss / cfg["grad_accum"]).backward()
+            for k, v in {"loss": loss, "commit": commit, **terms}.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / cfg["grad_accum"]
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seen += total_batch
+        bar.update(1)
+
+        if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
+            used = [int((c > 0).sum()) for c in stats["counts"]]
+            bar.set_postfix(loss=f"{terms_sum['loss']:.4f}")
+            log(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in terms_sum.items())
+                + f" codes/batch {used} lr {lr:.3g} {seen / (time.time() - t0):.1f} img/s")
+
+        last = step == cfg["max_steps"]
+        if step % cfg["eval_every"] == 0 or last:
+            ev = evaluate()
+            log(f"eval step {step}: val_loss {ev['val_loss']:.4f} val_psnr {ev['val_psnr']:.2f} dB "
+                f"codebook usage {ev['usage']} of {mcfg.codebook_size} perplexity "
+                f"{[round(p, 1) for p in ev['perplexity']]}")
+            if master and ev["grid"] is not None:
+                data.save_grid(ev["grid"], os.path.join(out, f"recon_{step:06d}.png"))
+            if ev["val_loss"] < best_val:
+                best_val, bad_evals = ev["val_loss"], 0
+            else:
+                bad_evals += 1
+                if bad_evals >= cfg["plateau_patience"] and lr / 2 >= cfg["min_lr"]:
+                    lr, bad_evals = lr / 2, 0
+                    log(f"validation loss plateaued: lr halved to {lr:.3g}")
+        if step % cfg["ckpt_every"] == 0 or last:
+            rngs = [rng_state()]
+            if ddp:
+                gathered = [None] * world
+                dist.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            if master:
+                save_checkpoint()
+                log(f"saved checkpoint step {step} to {os.path.join(out, 'ckpt.pt')}")
+            if ddp:
+                dist.barrier()
+    bar.close()
+    if master:
+        log(f"done: {step} steps in {time.time() - t0:.0f} s this session")
+        log_file.close()
+    if ddp:
+        dist.destroy_process_group()
+    return raw
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, TrainingError) as e:
+        print(f"train_vae.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
