@@ -21,7 +21,7 @@ N(0, 1) init, zero cluster sizes and no restarts, to reproduce its behaviour.
 """
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ class AugVAEConfig:
     ema_decay: float = 0.99        # EMA decay of the codebook statistics
     ema_eps: float = 1e-5          # Laplace smoothing epsilon
     quantizer_mode: str = "robust" # 'robust' (data init + dead-code restart) | 'faithful'
-    restart_every: int = 20        # robust: look for dead codes every N codebook updates
+    restart_every: int = 10        # robust: look for dead codes every N training steps
     restart_after: int = 100       # robust: a code is dead after N updates with no vector
     distance_chunk: int = 4096     # rows per block of the N x K distance matrix
 
@@ -101,8 +101,8 @@ class AugVAEConfig:
 # on the built-in 64 px shapes (SL tokens 8x8, like the paper's 32x32 at 256 px).
 PRESETS = {
     "paper": dict(),
-    "small": dict(image_size=64, hidden=32, num_res_blocks=1, z_channels=64,
-                  codebook_size=512, norm_groups=16),
+    "small": dict(image_size=64, hidden=16, num_res_blocks=1, z_channels=64,
+                  codebook_size=512, norm_groups=8),
 }
 
 
@@ -250,7 +250,8 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("embed_sum", embed.clone())        # (K, D) EMA of assigned sums
         self.register_buffer("cluster_size", torch.zeros(K))    # (K,) EMA of assigned counts
         self.register_buffer("unused", torch.zeros(K, dtype=torch.long))  # updates since last use
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # EMA updates
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # restart_dead calls
         self.register_buffer("initted", torch.tensor(self.mode == "faithful"))
 
     @torch.no_grad()
@@ -270,31 +271,32 @@ class EMAQuantizer(nn.Module):
         return idx, dmin
 
     def forward(self, z: torch.Tensor) -> tuple:
-        """z (B, D, H, W) -> z_q (straight-through), commitment loss, indices (B, H, W), stats."""
+        """z (B, D, H, W) -> z_q (straight-through), commitment loss, indices (B, H, W), stats.
+        stats: 'counts' (K,) codes chosen here; 'flat' (N, D) and 'dist2' (N,) the detached
+        inputs and their squared distance to the chosen code (for restart_dead)."""
         with torch.autocast(z.device.type, enabled=False):  # keep VQ maths in fp32
             z = z.float()
             B, D, H, W = z.shape
             flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (N, D)
             if self.training and not bool(self.initted):
-                self._data_init(flat.detach())
+                self.init_from([flat.detach()])
             idx, dist2 = self.nearest(flat.detach())
             counts = torch.bincount(idx, minlength=self.K).float()
-            stats = {"counts": counts}
             if self.training:
                 self._ema_update(flat.detach(), idx, counts)
-                if self.mode == "robust":
-                    self._restart_dead(flat.detach(), dist2)
             q = F.embedding(idx, self.embed).view(B, H, W, D).permute(0, 3, 1, 2)
             loss = self.beta * F.mse_loss(z, q.detach())  # the codebook learns by EMA only
             z_q = z + (q - z).detach()  # straight-through estimator
-        return z_q, loss, idx.view(B, H, W), stats
+        return z_q, loss, idx.view(B, H, W), {"counts": counts, "flat": flat.detach(), "dist2": dist2}
 
     @torch.no_grad()
-    def _data_init(self, flat: torch.Tensor):
-        """Robust mode: start the codebook on encoder outputs (rank 0's, broadcast), each code
-        counted once, so no code starts at zero cluster size (SPEC defect 1)."""
-        pick = torch.randint(0, flat.shape[0], (self.K,), device=flat.device)
-        new = flat[pick] + 0.01 * flat.std() * torch.randn(self.K, self.D, device=flat.device)
+    def init_from(self, flats: list):
+        """Robust mode: start the codebook on encoder outputs, an equal share drawn from each
+        tensor in `flats` (one per level), each code counted once, so no code starts at zero
+        cluster size (SPEC defect 1). Rank 0 draws, every rank copies."""
+        per = [self.K // len(flats) + (i < self.K % len(flats)) for i in range(len(flats))]
+        new = torch.cat([f[torch.randint(0, f.shape[0], (n,), device=f.device)] for f, n in zip(flats, per)])
+        new = new + 0.01 * new.std() * torch.randn_like(new)
         new = _broadcast(new.contiguous())
         self.embed.copy_(new)
         self.embed_sum.copy_(new)
@@ -316,18 +318,21 @@ class EMAQuantizer(nn.Module):
         self.updates.add_(1)
 
     @torch.no_grad()
-    def _restart_dead(self, flat: torch.Tensor, dist2: torch.Tensor):
-        """Every `restart_every` updates, move each code unused for `restart_after` updates
-        onto an encoder output drawn with probability proportional to its quantization
-        error (badly represented vectors get codes). Rank 0 draws, all ranks copy."""
-        if int(self.updates) % self.restart_every:
+    def restart_dead(self, flat: torch.Tensor, dist2: torch.Tensor):
+        """Robust mode, once per training step: every `restart_every` steps, move each code
+        unused for `restart_after` codebook updates onto an input vector drawn with
+        probability proportional to its quantization error, so badly represented vectors get
+        codes. flat (N, D), dist2 (N,): the step's inputs (all levels pooled) and errors.
+        Rank 0 draws, every rank copies."""
+        self.steps.add_(1)
+        if self.mode != "robust" or int(self.steps) % self.restart_every:
             return
         dead = (self.unused >= self.restart_after).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
-        w = dist2.clamp_min(0) + 1e-12
+        w = dist2.float().clamp_min(0) + 1e-12
         pick = torch.multinomial(w, dead.numel(), replacement=dead.numel() > w.numel())
-        new = _broadcast(flat[pick].contiguous())
+        new = _broadcast(flat[pick].float().contiguous())
         self.embed[dead] = new
         self.embed_sum[dead] = new
         self.cluster_size[dead] = 1.0
@@ -374,13 +379,24 @@ class AugVAE(nn.Module):
 
     def _quantize(self, latents: dict) -> tuple:
         """Quantize each of cfg.levels with the shared codebook, finest first (the release's
-        order: in training each level updates the codebook in turn)."""
-        q, idx, loss, counts = {}, {}, 0.0, []
+        order: in training each level updates the codebook in turn). In training, robust mode
+        initialises the codebook from all levels' first outputs and restarts dead codes once
+        per step from all levels' vectors, so every level gets codes (cross-level sharing)."""
+        zs = {l: self.quant_conv(latents[l], l) for l in self.cfg.levels}
+        vq = self.quantizer
+        robust = self.training and vq.mode == "robust"
+        if robust and not bool(vq.initted):
+            vq.init_from([z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]) for z in zs.values()])
+        q, idx, loss, counts, flats, dists = {}, {}, 0.0, [], [], []
         for l in self.cfg.levels:
-            zq, commit, i, stats = self.quantizer(self.quant_conv(latents[l], l))
+            zq, commit, i, stats = vq(zs[l])
             q[l], idx[l] = zq, i
             loss = loss + commit
             counts.append(stats["counts"])
+            flats.append(stats["flat"])
+            dists.append(stats["dist2"])
+        if robust:
+            vq.restart_dead(torch.cat(flats), torch.cat(dists))
         return q, idx, loss, counts
 
     # -- decoding ------------------------------------------------------------------------

@@ -109,9 +109,6 @@ HELP = dict(
     grid_images="images in each reconstruction grid",
 )
 
-FORMAT_VERSION = 1
-
-
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train AugVAE-ML (--ml), or fine-tune it into AugVAE-SL (--sl --init ML.pt).",
@@ -143,49 +140,7 @@ class TrainingError(Exception):
 
 
 # -----------------------------------------------------------------------------------------
-# data: a resumable, rank-sharded order of micro-batches
-
-class EpochIndexed(torch.utils.data.Dataset):
-    """Index j = epoch * n + i -> dataset[i] with the dataset's augmentation RNG set for that
-    epoch, so random crops depend only on (seed, epoch, i): reproducible across resumes and
-    worker processes."""
-
-    def __init__(self, ds, n: int):
-        self.ds, self.n = ds, n
-
-    def __getitem__(self, j):
-        epoch, i = divmod(j, self.n)
-        base = self.ds.dataset if isinstance(self.ds, torch.utils.data.Subset) else self.ds
-        if hasattr(base, "set_epoch"):
-            base.set_epoch(epoch)
-        return self.ds[i]
-
-    def __len__(self):
-        return 1 << 62
-
-
-class MicroBatches(torch.utils.data.Sampler):
-    """Endless micro-batches of dataset indices, starting at micro-batch `start`. Each epoch
-    is a permutation seeded by (seed, epoch); rank r takes the r-th slice of every group of
-    `world` micro-batches, so the order depends only on (seed, batch size, world size)."""
-
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, start: int):
-        self.n, self.bs, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start
-        self.per_epoch = n // (batch_size * world)
-        if self.per_epoch == 0:
-            raise ValueError(f"{n} training images are fewer than one batch of {batch_size} x {world} processes")
-
-    def __iter__(self):
-        b, perm_epoch, perm = self.start, -1, None
-        while True:
-            epoch, k = divmod(b, self.per_epoch)
-            if epoch != perm_epoch:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-                perm_epoch = epoch
-            s = (k * self.world + self.rank) * self.bs
-            yield [epoch * self.n + int(i) for i in perm[s:s + self.bs]]
-            b += 1
-
+# data
 
 def make_datasets(cfg: dict, image_size: int) -> tuple:
     """-> (train dataset, validation dataset) of (3, H, W) tensors in [-1, 1]."""
@@ -220,20 +175,6 @@ def load_ml_for_sl(path: str, cfg: dict) -> augvae.AugVAE:
     ml = augvae.AugVAE(mcfg)
     ml.load_state_dict(ckpt["model"], strict=True)
     return augvae.ml_to_sl(ml, sl_quantize_finest=cfg["sl_quantize_finest"])
-
-
-def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    random.setstate((3, tuple(s["python"]), None))
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 # -----------------------------------------------------------------------------------------
@@ -333,14 +274,14 @@ def main(argv: list | None = None) -> augvae.AugVAE:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scaler.load_state_dict(resume_ckpt["scaler"])
         step, best_val, bad_evals = resume_ckpt["step"], resume_ckpt["best_val"], resume_ckpt["bad_evals"]
-        set_rng_state(resume_ckpt["rng"][rank] if rank < len(resume_ckpt["rng"]) else resume_ckpt["rng"][0])
+        data.set_rng_state(resume_ckpt["rng"][rank] if rank < len(resume_ckpt["rng"]) else resume_ckpt["rng"][0])
         lr = optimizer.param_groups[0]["lr"]
         del resume_ckpt
 
     # -- data ---------------------------------------------------------------------------------
     train_ds, val_ds = make_datasets(cfg, mcfg.image_size)
-    sampler = MicroBatches(len(train_ds), cfg["batch_size"], rank, world, cfg["seed"], step * cfg["grad_accum"])
-    loader = iter(torch.utils.data.DataLoader(EpochIndexed(train_ds, len(train_ds)), batch_sampler=sampler,
+    sampler = data.MicroBatches(len(train_ds), cfg["batch_size"], rank, world, cfg["seed"], step * cfg["grad_accum"])
+    loader = iter(torch.utils.data.DataLoader(data.EpochIndexed(train_ds, len(train_ds)), batch_sampler=sampler,
                                               num_workers=cfg["workers"], pin_memory=device.type == "cuda",
                                               generator=torch.Generator().manual_seed(cfg["seed"])))
     val_loader = torch.utils.data.DataLoader(
@@ -403,7 +344,7 @@ def main(argv: list | None = None) -> augvae.AugVAE:
 
     def save_checkpoint():
         ckpt = {
-            "kind": augvae.CHECKPOINT_KIND, "format_version": FORMAT_VERSION,
+            "kind": augvae.CHECKPOINT_KIND, "format_version": data.CHECKPOINT_FORMAT,
             "config": mcfg.to_dict(), "model": raw.state_dict(),
             "train": {k: v for k, v in cfg.items() if k not in ("resume",)},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -433,7 +374,7 @@ def main(argv: list | None = None) -> augvae.AugVAE:
                                     f"is kept at {os.path.join(out, 'ckpt.pt')}")
             scaler.scale(loss / cfg["grad_accum"]).backward()
             for k, v in {"loss": loss, "commit": commit, **terms}.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / cfg["grad_accum"]
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]
         if cfg["grad_clip"] > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
@@ -466,7 +407,7 @@ def main(argv: list | None = None) -> augvae.AugVAE:
                     lr, bad_evals = lr / 2, 0
                     log(f"validation loss plateaued: lr halved to {lr:.3g}")
         if step % cfg["ckpt_every"] == 0 or last:
-            rngs = [rng_state()]
+            rngs = [data.rng_state()]
             if ddp:
                 gathered = [None] * world
                 dist.all_gather_object(gathered, rngs[0])

@@ -128,7 +128,8 @@ def _toy_usage(mode: str) -> int:
     centres = torch.randn(64, 8) * 3
     for _ in range(60):
         pts = centres[torch.randint(0, 64, (256,))] + 0.05 * torch.randn(256, 8)
-        q(pts.t().reshape(1, 8, 256, 1))
+        _, _, _, stats = q(pts.t().reshape(1, 8, 256, 1))
+        q.restart_dead(stats["flat"], stats["dist2"])  # a no-op in faithful mode
     q.eval()
     _, _, idx, _ = q(centres.t().reshape(1, 8, 64, 1))
     return torch.unique(idx).numel()
@@ -159,9 +160,28 @@ def test_dead_codes_are_restarted_on_data():
     q(z)  # init + first update
     q.embed[5] = 1e6  # make code 5 unusable
     q.embed_sum[5] = 1e6
-    q(z)  # unused once -> restarted at a data vector
+    _, _, _, stats = q(z)  # unused once
+    assert float(q.embed[5].abs().max()) > 1e5
+    q.restart_dead(stats["flat"], stats["dist2"])  # -> restarted at a data vector
     assert float(q.embed[5].abs().max()) < 100
     assert int(q.unused[5]) == 0
+    assert any(torch.equal(q.embed[5], v) for v in stats["flat"])
+
+
+def test_codebook_init_draws_from_every_level():
+    torch.manual_seed(0)
+    m = AugVAE(tiny(codebook_size=64)).train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    lat = m._latents(x)
+    flats = {l: m.quant_conv(lat[l], l).detach().permute(0, 2, 3, 1).reshape(-1, 16) for l in range(4)}
+    m(x)
+    # each code starts near (within the 1% noise) a vector of some level; all levels present
+    levels_hit = set()
+    for e in m.quantizer.embed_sum:
+        for l, f in flats.items():
+            if float((f - e).norm(dim=1).min()) < 0.1 * float(f.std()) * 4:
+                levels_hit.add(l)
+    assert levels_hit == {0, 1, 2, 3}
 
 
 # -- the model -----------------------------------------------------------------------------------
