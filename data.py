@@ -982,10 +982,33 @@ def save_checkpoint(obj: dict, path) -> None:
 # CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2, no usage dump), for every script's CLI."""
+
+    def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
+
+
+def add_flags(parser: argparse.ArgumentParser, defaults: dict, helps: dict, suppress: bool = False):
+    """One flag per config key (underscores become dashes), typed by its default: bools get
+    --x / --no-x, everything else parses (and rejects) by the default's type. `suppress`
+    leaves flags that were not given out of the result (to tell given flags from defaults)."""
+    for k, v in defaults.items():
+        flag = "--" + k.replace("_", "-")
+        kw = {} if suppress else {"default": v}
+        if isinstance(v, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=helps[k], **kw)
+        else:
+            parser.add_argument(flag, type=type(v), help=helps[k] + f" (default: {v!r})", **kw)
+
+
+def parse_flags(build_parser, argv: list) -> dict:
+    """Parse argv with build_parser(suppress); '_given' lists the flags given explicitly
+    (a resumed run keeps its saved settings except those)."""
+    cfg = vars(build_parser(False).parse_args(argv))
+    cfg["_given"] = sorted(vars(build_parser(True).parse_args(argv)))
+    return cfg
 
 
 def _int_in(lo, hi):
@@ -1041,7 +1064,7 @@ def _cmd_export(args):
 
 
 def main(argv=None):
-    parser = _Parser(prog="data.py", description="Captioned shapes (see SHAPES.md): preview or export.")
+    parser = ArgumentParser(prog="data.py", description="Captioned shapes (see SHAPES.md): preview or export.")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     common = dict(split=dict(choices=SPLITS, default="train", help="which split"),

@@ -110,29 +110,14 @@ HELP = dict(
 )
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = data.ArgumentParser(
         description="Train AugVAE-ML (--ml), or fine-tune it into AugVAE-SL (--sl --init ML.pt).",
         argument_default=argparse.SUPPRESS if suppress else None)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ml", dest="stage", action="store_const", const="ml", help="train the multi-level model")
     g.add_argument("--sl", dest="stage", action="store_const", const="sl", help="fine-tune the single-level model from --init")
-    for k, v in DEFAULTS.items():
-        if k == "stage":
-            continue
-        flag = "--" + k.replace("_", "-")
-        kw = {} if suppress else {"default": v}
-        if isinstance(v, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=HELP[k], **kw)
-        else:
-            p.add_argument(flag, type=type(v), help=HELP[k] + f" (default: {v!r})", **kw)
+    data.add_flags(p, {k: v for k, v in DEFAULTS.items() if k != "stage"}, HELP, suppress)
     return p
-
-
-def parse_config(argv: list) -> dict:
-    cfg = vars(build_parser().parse_args(argv))
-    given = vars(build_parser(suppress=True).parse_args(argv))
-    cfg["_given"] = sorted(given)
-    return cfg
 
 
 class TrainingError(Exception):
@@ -180,7 +165,7 @@ def load_ml_for_sl(path: str, cfg: dict) -> augvae.AugVAE:
 # -----------------------------------------------------------------------------------------
 
 def main(argv: list | None = None) -> augvae.AugVAE:
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    cfg = data.parse_flags(build_parser, sys.argv[1:] if argv is None else argv)
 
     # -- processes and device ------------------------------------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
