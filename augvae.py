@@ -475,7 +475,8 @@ def count_parameters(model: nn.Module) -> int:
 def ml_to_sl(ml: AugVAE, **overrides) -> AugVAE:
     """AugVAE-ML -> AugVAE-SL: keep every trained weight the SL model still has (encoders and
     decoders up to the token level, the shared codebook and 1x1 conv weights, the biases of
-    the quantized levels), drop the coarser levels, and add fresh 1x1 connectors."""
+    the quantized levels), drop the coarser levels, and add the 1x1 connectors, initialised
+    to pass each signal where the ML decoder expected it (the rest of its input starts at 0)."""
     if ml.cfg.single_level:
         raise ValueError("ml_to_sl needs an ML model")
     cfg = AugVAEConfig(**{**asdict(ml.cfg), "single_level": True, **overrides})
@@ -490,6 +491,19 @@ def ml_to_sl(ml: AugVAE, **overrides) -> AugVAE:
             raise ValueError(f"cannot carry {k} from the ML model")
         dst[k] = src[k]
     sl.load_state_dict(dst, strict=True)
+    # Start the connectors where the ML model was: each routes its input to the half of the
+    # next decoder's input that carried the same signal in ML (the level's own latent -> first
+    # half, the coarser decoder's output -> second half) and zeros the other half.
+    z = cfg.z_channels
+    with torch.no_grad():
+        for l, conv in enumerate(sl.connect):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            rows = slice(0, z) if l == cfg.token_level else slice(z, 2 * z)
+            conv.weight[rows, :, 0, 0] = torch.eye(z)
+        # Codes the finer ML levels used mean nothing to the token level: mark every code as
+        # dead, so the first restart moves each code the token level does not use onto its data.
+        sl.quantizer.unused.fill_(cfg.restart_after)
     return sl
 
 

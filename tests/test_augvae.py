@@ -218,7 +218,12 @@ def test_ml_to_sl_keeps_trained_weights_and_tokens():
     assert torch.equal(sl.encode(x), ml.encode_levels(x)[1])  # same 32 / 4 / 2 = 4x4 tokens
     assert torch.equal(sl.quantizer.embed, ml.quantizer.embed)
     assert torch.equal(sl.dec[0].conv_out.weight, ml.dec[0].conv_out.weight)
-    assert sl.decode(sl.encode(x)).shape == x.shape
+    # the connectors start by routing each signal where the ML decoder had it
+    tokens = sl.encode(x)
+    p = ml.post_quant_conv(F.embedding(tokens, ml.quantizer.embed).permute(0, 3, 1, 2), 1)
+    h = ml.dec[1](torch.cat([p, torch.zeros_like(p)], 1))
+    expect = ml.dec[0](torch.cat([torch.zeros_like(h), h], 1))
+    assert torch.allclose(sl.decode(tokens), expect, atol=1e-5)
     with pytest.raises(ValueError):
         augvae.ml_to_sl(sl)
 
@@ -304,3 +309,16 @@ def test_reconstruction_loss_terms():
 def test_psnr():
     x = torch.zeros(1, 3, 4, 4)
     assert abs(float(augvae.psnr(x + 0.2, x)) - 10 * torch.log10(torch.tensor(4 / 0.04))) < 1e-4
+
+
+def test_sl_restarts_codes_the_token_level_does_not_use():
+    torch.manual_seed(0)
+    ml = AugVAE(tiny(restart_every=1)).train()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    ml(x)
+    sl = augvae.ml_to_sl(ml).train()
+    _, _, stats = sl(x)  # one step: codes unused by level 1 move onto level-1 vectors
+    used = set(stats["indices"][1].flatten().tolist())
+    flat = sl.quant_conv(sl._latents(x)[1], 1).detach().permute(0, 2, 3, 1).reshape(-1, 16)
+    moved = [k for k in range(64) if k not in used]
+    assert moved and all(float((flat - sl.quantizer.embed[k]).norm(dim=1).min()) < 1e-4 for k in moved)
