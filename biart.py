@@ -159,8 +159,8 @@ PRESETS = {
     'medium': dict(n_layer=12, n_head=8, n_embd=512, text_len=64, image_len=1024,
                    image_vocab=8192, text_vocab=49408, dropout=0.1),
     # CPU scale for the built-in shapes data: 8x8 image tokens from a 512-code VAE;
-    # set text_vocab (and eot_token) from the tokenizer in use
-    'small': dict(n_layer=4, n_head=8, n_embd=256, text_len=24, image_len=64,
+    # set text_vocab (and eot_token) from the tokenizer; text_len 32 fits every 2-object caption + EOT
+    'small': dict(n_layer=4, n_head=8, n_embd=256, text_len=32, image_len=64,
                   image_vocab=512, text_vocab=49408, dropout=0.0),
 }
 

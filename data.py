@@ -33,6 +33,8 @@ Data for L-Verse: the built-in captioned shapes dataset, and real image folders.
 """
 
 import argparse
+import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -911,6 +913,52 @@ class MicroBatches(torch.utils.data.Sampler):
             b += 1
 
 
+def start_processes(device: str) -> tuple:
+    """torchrun-aware start of a training script -> (ddp, rank, world, device). DDP is on when
+    torchrun set RANK: gloo on CPU, NCCL on CUDA, each process on cuda:LOCAL_RANK. 'auto'
+    picks cuda when there is one. TF32 matmuls are allowed on CUDA."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = 0, 1
+    if ddp:
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world, device
+
+
+def autocast_context(device: torch.device, dtype: str) -> tuple:
+    """-> (context, torch dtype, amp on?). Autocast runs on CUDA only ('auto': bf16 where the
+    GPU has it, else fp16); on CPU everything stays fp32. fp16 needs a GradScaler."""
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if dt is None:
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    amp = device.type == "cuda" and dt != torch.float32
+    return (torch.autocast(device.type, dtype=dt) if amp else contextlib.nullcontext()), dt, amp
+
+
+def resume_settings(cfg: dict, kind: str) -> tuple:
+    """For --resume: load OUT/ckpt.pt and return (settings, checkpoint), where the settings are
+    the saved run's, overridden by the flags given explicitly now (cfg['_given'])."""
+    if not cfg["out"]:
+        raise ValueError("--resume needs --out (the folder of the run to continue)")
+    path = os.path.join(cfg["out"], "ckpt.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    ckpt = load_checkpoint(path, kind)
+    given = set(cfg["_given"]) - {"resume"}
+    return {**ckpt["train"], **{k: cfg[k] for k in given}, "resume": True}, ckpt
+
+
 def rng_state() -> dict:
     s = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
@@ -930,6 +978,15 @@ def set_rng_state(s: dict):
 # (a pickle that would run code is refused), written atomically.
 
 CHECKPOINT_FORMAT = 1  # bump when the layout changes; newer files are refused with a message
+TOKENS_FORMAT = 1  # of prepare.py's output folder (meta.json says which)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class CheckpointError(ValueError):

@@ -51,7 +51,7 @@ DEFAULTS = dict(
     # optimisation (appendix A)
     batch_size=32,         # images per process per micro-step
     grad_accum=1,          # micro-steps per optimizer step
-    max_steps=1500,        # optimizer steps in all (resume continues to this)
+    max_steps=0,           # optimizer steps in all; 0 -> 400 for --ml, 1000 for --sl (the CPU demo)
     lr=0.0,                # 0 -> lr_per_sample x total batch
     lr_per_sample=3.125e-5,  # lr = this x total batch; the paper's 4.5e-6 is for paper scale
     weight_decay=1e-5,
@@ -65,7 +65,7 @@ DEFAULTS = dict(
     fg_weight=-1.0,        # <0 -> 10 on the built-in shapes, 1 (plain MSE) elsewhere
     # system
     device="auto",         # 'auto', 'cpu', 'cuda', 'cuda:N'
-    dtype="float32",       # autocast on CUDA: 'float32', 'bfloat16' or 'float16' (GradScaler)
+    dtype="float32",       # autocast on CUDA: 'float32' (the paper), 'bfloat16', 'float16', 'auto'
     seed=0,
     log_every=20,
     eval_every=250,        # evaluate, save a reconstruction grid and checkpoint every N steps
@@ -89,7 +89,7 @@ HELP = dict(
     workers="DataLoader worker processes (0 loads in the main process)",
     batch_size="images per process per micro-step",
     grad_accum="micro-steps accumulated per optimizer step",
-    max_steps="total optimizer steps",
+    max_steps="total optimizer steps (a resumed run continues to this); 0: 400 for --ml, 1000 for --sl, the CPU demo's",
     lr="learning rate; 0 derives it as --lr-per-sample x total batch size",
     lr_per_sample="learning rate per image of the total batch: lr = this x total batch. The default (1e-3 at batch 32) "
                   "is measured on the CPU shapes demo; the paper's rule (appendix A) is 4.5e-6",
@@ -102,7 +102,8 @@ HELP = dict(
     lpips_weight="weight of LPIPS in the loss (paper: 0.1)",
     fg_weight="weight of foreground pixels (those far from the image's median colour) in the MSE; <0: 10 on shapes, 1 elsewhere",
     device="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'",
-    dtype="autocast dtype on CUDA: float32 (off), bfloat16, or float16 with a GradScaler; the quantizer always runs in fp32",
+    dtype="autocast dtype on CUDA: float32 (off; the paper trains AugVAE in fp32), bfloat16, float16 with a GradScaler, "
+          "or auto (bf16 where supported); the quantizer always runs in fp32",
     seed="random seed (model init, data order, augmentation)",
     log_every="log the training loss every N steps",
     eval_every="evaluate on the validation set and save a reconstruction grid every N steps",
@@ -169,51 +170,25 @@ def load_ml_for_sl(path: str, cfg: dict) -> augvae.AugVAE:
 def main(argv: list | None = None) -> augvae.AugVAE:
     cfg = data.parse_flags(build_parser, sys.argv[1:] if argv is None else argv)
 
-    # -- processes and device ------------------------------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if ddp:
-        backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-        if cfg["device"].startswith("cuda"):
-            cfg["device"] = f"cuda:{local}"
-            torch.cuda.set_device(cfg["device"])
-    else:
-        rank, world = 0, 1
+    # -- processes, device, precision ----------------------------------------------------
+    ddp, rank, world, device = data.start_processes(cfg["device"])
     master = rank == 0
-    device = torch.device(cfg["device"])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg["dtype"])
-    if dtype is None:
-        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {cfg['dtype']!r}")
-    amp = device.type == "cuda" and dtype != torch.float32
-    ctx = torch.autocast(device.type, dtype=dtype) if amp else contextlib.nullcontext()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     # -- the run: fresh or resumed ----------------------------------------------------------
     resume_ckpt = None
     if cfg["resume"]:
-        out = cfg["out"]
-        if not out:
-            raise ValueError("--resume needs --out (the folder of the run to continue)")
-        path = os.path.join(out, "ckpt.pt")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        resume_ckpt = data.load_checkpoint(path, augvae.CHECKPOINT_KIND)
-        saved = resume_ckpt["train"]
-        given = set(cfg.pop("_given")) - {"resume"}
-        cfg = {**saved, **{k: cfg[k] for k in given}, "resume": True, "device": cfg["device"]}
+        cfg, resume_ckpt = data.resume_settings(cfg, augvae.CHECKPOINT_KIND)
     else:
         cfg.pop("_given")
         if cfg["stage"] is None:
             raise ValueError("say which stage: --ml (multi-level) or --sl --init ML.pt (single-level)")
         cfg["out"] = cfg["out"] or os.path.join("out", f"vae_{cfg['stage']}")
     stage, out = cfg["stage"], cfg["out"]
+    ctx, dtype, amp = data.autocast_context(device, cfg["dtype"])
     if stage == "sl" and not cfg["resume"] and not cfg["init"]:
         raise ValueError("--sl needs --init ML_CHECKPOINT (the trained AugVAE-ML)")
+    if cfg["max_steps"] <= 0:
+        cfg["max_steps"] = {"ml": 400, "sl": 1000}[stage]
     if cfg["fg_weight"] < 0:
         cfg["fg_weight"] = 10.0 if cfg["data"] == "shapes" else 1.0
 

@@ -1,0 +1,238 @@
+"""train_gpt.py as a user runs it: subprocess CLI runs on prepare.py's output with a small BPE,
+kill -9 and resume, two-process DDP, bad input, and a short run that learns both directions."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import augvae
+import biart
+import data
+import prepare
+import tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# a second or two per run: a 1-layer, 32-wide BiART on 4x4 tokens of 32 px shapes
+TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--batch-size", "4", "--eval-images", "8",
+        "--log-every", "1", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process work shares 2 cores with the subprocesses: 1 thread, like OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(args, timeout=240, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """prepare.py on 64 shapes (1 crop each) with a random tiny AugVAE-SL, and a BPE learned
+    from the training captions with `python tokenizer.py train`. -> (tokens dir, bpe path, vae path)."""
+    folder = tmp_path_factory.mktemp("gpt_data")
+    torch.manual_seed(0)
+    vcfg = augvae.preset("small", image_size=32, single_level=True)
+    model = augvae.AugVAE(vcfg)
+    model.train()(torch.stack([data.ShapesDataset("train", 32, 32)[i] for i in range(32)]))  # codebook from data
+    vae = folder / "vae.pt"
+    data.save_checkpoint({"kind": augvae.CHECKPOINT_KIND, "format_version": data.CHECKPOINT_FORMAT,
+                          "config": vcfg.to_dict(), "model": model.state_dict()}, vae)
+    tokens = folder / "tokens"
+    prepare.main(["--vae", str(vae), "--out", str(tokens), "--train-size", "64", "--val-size", "8",
+                  "--test-size", "0", "--heldout-size", "0", "--crops", "1", "--chunk-size", "32"])
+    captions = folder / "captions.txt"
+    with open(tokens / "train.jsonl") as f:
+        captions.write_text("".join(c + "\n" for line in f for c in json.loads(line)["captions"]))
+    bpe = folder / "bpe.txt.gz"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", str(captions),
+                        "--vocab-size", "600", "--out", str(bpe)], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    return tokens, bpe, vae
+
+
+def base(setup):
+    tokens, bpe, _ = setup
+    return ["--tokens", str(tokens), "--bpe", str(bpe), *TINY]
+
+
+def eval_lines(log: str) -> list:
+    """'eval step N: ...' lines -> [(step, {direction: {'ref', 'gen'}})]."""
+    out = []
+    for line in log.splitlines():
+        if line.startswith("eval step"):
+            step = int(line.split()[2].rstrip(":"))
+            parts = {}
+            for chunk in line.split(" | ")[1:]:
+                w = chunk.split()
+                parts[w[0]] = {"ref": float(w[w.index("[REF]") + 1]), "gen": float(w[w.index("[GEN]") + 1])}
+            out.append((step, parts))
+    return out
+
+
+def test_smoke_checkpoint_and_log(setup, tmp_path):
+    tokens, bpe, _ = setup
+    out = tmp_path / "gpt"
+    r = run([*base(setup), "--max-steps", "4", "--eval-every", "2", "--ckpt-every", "2", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("ckpt.pt", "log.txt", "config.json"):
+        assert (out / f).exists(), f
+    c = ckpt(out / "ckpt.pt")
+    tok = tokenizer.Tokenizer(str(bpe))
+    meta = json.loads((tokens / "meta.json").read_text())
+    assert c["kind"] == "biart" and c["format_version"] == data.CHECKPOINT_FORMAT and c["step"] == 4
+    config = biart.BiARTConfig.from_dict(c["config"])
+    # the layout follows the data and the tokenizer
+    assert (config.image_vocab, config.image_len) == (512, 16)
+    assert (config.text_vocab, config.eot_token, config.text_len) == (tok.vocab_size, tok.eot_id, 32)
+    assert (config.n_layer, config.n_embd, config.n_head) == (1, 32, 2)
+    model = biart.BiART(config)
+    model.load_state_dict(c["model"], strict=True)
+    assert c["tokenizer"] == {"path": str(bpe), "sha256": data.sha256_file(bpe),
+                              "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    assert c["tokens_meta"]["vae_sha256"] == meta["vae_sha256"] and c["tokens_meta"]["grid"] == 4
+    assert {"optimizer", "scaler", "rng", "best_val", "lr", "data_position", "train"} <= c.keys()
+    assert c["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    assert [g["weight_decay"] for g in c["optimizer"]["param_groups"]] == [0.01, 0.0]
+    log = (out / "log.txt").read_text()
+    assert "alternating t2i / i2t" in log and "64 training images (320 captions, 1 crops each)" in log
+    steps = [l for l in log.splitlines() if l.startswith("step ")]
+    assert len(steps) == 4 and all("t2i loss" in l for l in steps[0::2]) and all("i2t loss" in l for l in steps[1::2])
+    evals = eval_lines(log)
+    assert [s for s, _ in evals] == [0, 2, 4] and all(p.keys() == {"t2i", "i2t"} for _, p in evals)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == c["config"] and cfg["tokenizer"]["sha256"] == c["tokenizer"]["sha256"]
+
+    mixed = tmp_path / "mix"
+    r = run([*base(setup), "--mix", "--max-steps", "2", "--total-batch", "8", "--out", str(mixed)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (mixed / "log.txt").read_text()
+    assert "both directions per batch" in log and "accumulation 2" in log and "step 2 mix loss" in log
+
+
+def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path):
+    args = [*base(setup), "--max-steps", "80", "--eval-every", "5", "--ckpt-every", "4", "--plateau-patience", "1",
+            "--dropout", "0.1", "--warmup-steps", "3", "--total-batch", "8", "--lr", "5e-2"]
+    full = tmp_path / "full"
+    r = run([*args, "--out", str(full)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "lr halved" in (full / "log.txt").read_text()  # the plateau state is part of what resumes
+
+    cut = tmp_path / "cut"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args, "--out", str(cut)],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    log = cut / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill right after the second checkpoint is announced
+        if log.exists() and "saved checkpoint step 8" in log.read_text():
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = ckpt(cut / "ckpt.pt")["step"]  # loads: the file was never half-written
+    assert 8 <= killed_at < 80, "the run finished before the kill; make it longer"
+
+    r = run(["--resume", "--out", str(cut)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = ckpt(full / "ckpt.pt"), ckpt(cut / "ckpt.pt")
+    assert a["step"] == b["step"] == 80
+    assert_same_state(a["model"], b["model"])  # bitwise
+    assert a["lr"] == b["lr"] and a["best_val"] == b["best_val"]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert "resuming" in log.read_text()
+    # the resumed run logs the same losses as the uninterrupted one from the kill on
+    tail = [l.split(" lr ")[0] for l in (full / "log.txt").read_text().splitlines() if l.startswith("step 7")]
+    assert tail and all(t in log.read_text() for t in tail)
+
+
+def test_two_process_ddp_keeps_ranks_identical(setup, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tests", "ddp_train_gpt.py"), *base(setup), "--dropout", "0.1",
+           "--max-steps", "4", "--eval-every", "2", "--total-batch", "16", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s0, s1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert_same_state(s0, s1)
+    saved = ckpt(out / "ckpt.pt")
+    assert_same_state(saved["model"], s0)
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
+    log = (out / "log.txt").read_text()
+    assert "2 process(es)" in log and "accumulation 2" in log
+
+
+def test_both_directions_learn(setup, tmp_path):
+    out = tmp_path / "learn"
+    r = run([*base(setup), "--max-steps", "60", "--eval-every", "60", "--warmup-steps", "5", "--log-every", "20",
+             "--lr", "1e-2", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    (s0, start), (s1, end) = eval_lines((out / "log.txt").read_text())
+    assert (s0, s1) == (0, 60)
+    for d in ("t2i", "i2t"):
+        assert end[d]["gen"] < start[d]["gen"] - 1.0, (d, start[d], end[d])
+        assert end[d]["ref"] < start[d]["ref"] - 1.0, (d, start[d], end[d])
+
+
+@pytest.fixture(scope="module")
+def wrong_files(setup, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wrong")
+    _, _, vae = setup
+    resumed = folder / "vae_run"  # an output folder whose ckpt.pt is an AugVAE checkpoint
+    resumed.mkdir()
+    (resumed / "ckpt.pt").write_bytes(vae.read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokens", "no/such/folder"], "no such folder"),
+    (["--init", "{vae}"], "is a 'augvae' checkpoint, expected 'biart'"),
+    (["--resume", "--out", "{wrong}/vae_run"], "is a 'augvae' checkpoint, expected 'biart'"),
+    (["--resume", "--out", "{wrong}/nothing"], "no checkpoint at"),
+    (["--text-len", "8"], "more than text_len 8; raise --text-len or pass --truncate"),
+    (["--total-batch", "6"], "not a multiple of --batch-size 4"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--lr", "1e30", "--grad-clip", "0", "--ckpt-every", "1"], "at step 1: stopping; the last good checkpoint"),
+])
+def test_bad_input_gives_one_line_error(args, message, setup, wrong_files, tmp_path):
+    _, _, vae = setup
+    args = [a.format(vae=vae, wrong=wrong_files) for a in args]
+    r = run([*base(setup), "--max-steps", "3", "--out", str(tmp_path / "o"), *args], cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    if "last good" in message:  # stops mid-run: the progress bar came before the one-line error
+        lines = [l for l in lines if "error" in l]
+        assert lines and r.stderr.strip().endswith(lines[-1])
+    assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+    if "last good" in message:  # a NaN or infinite loss: the step-1 checkpoint is kept
+        assert ckpt(tmp_path / "o" / "ckpt.pt")["step"] == 1
+
+
+def test_truncate_cuts_long_captions(setup, tmp_path):
+    out = tmp_path / "cut"
+    r = run([*base(setup), "--text-len", "8", "--truncate", "--max-steps", "1", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "caption(s) truncated to text_len" in (out / "log.txt").read_text()
