@@ -3,7 +3,7 @@ Encode a captioned image set ONCE with a trained AugVAE-SL into token arrays for
 (nanoGPT's data/*/prepare.py: an idempotent step that writes flat uint16 arrays which
 training memory-maps; rosinality's "extract codes once so the prior never loads the VAE").
 
-    python prepare.py --vae out/vae_sl/ckpt.pt                       # built-in shapes -> out/tokens
+    python prepare.py --vae out/vae_sl/best.pt                       # built-in shapes -> out/tokens
     python prepare.py --vae sl.pt --source coco --captions dataset_coco.json --image-root /data/coco
     torchrun --nproc_per_node 8 prepare.py --vae sl.pt --source cc --captions cc_train.tsv \
         --val-captions cc_val.tsv --image-root /data/cc --crops 2 --workers 8
@@ -85,7 +85,7 @@ DEFAULTS = dict(
 )
 
 HELP = dict(
-    vae="AugVAE-SL checkpoint to encode with (train_vae.py --sl writes out/vae_sl/ckpt.pt)",
+    vae="AugVAE-SL checkpoint to encode with (train_vae.py --sl writes out/vae_sl/best.pt)",
     source="'shapes' (built in), 'coco' (Karpathy dataset_coco.json), 'cc' (caption<TAB>path TSV) or 'jsonl'",
     out="output folder for {split}.npy, {split}.jsonl, meta.json",
     force="delete what --out holds from an earlier prepare and encode everything again",
@@ -371,7 +371,7 @@ def main(argv: list | None = None) -> dict | None:
     cfg = data.parse_flags(build_parser, sys.argv[1:] if argv is None else argv)
     cfg.pop("_given")
     if not cfg["vae"]:
-        raise ValueError("--vae is required: the AugVAE-SL checkpoint to encode with (out/vae_sl/ckpt.pt)")
+        raise ValueError("--vae is required: the AugVAE-SL checkpoint to encode with (out/vae_sl/best.pt)")
     for key in ("batch_size", "chunk_size"):
         if cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")

@@ -1,7 +1,7 @@
 """
 Train BiART (stage 2 of L-Verse) on the token arrays prepare.py writes.
 
-    python prepare.py --vae out/vae_sl/ckpt.pt                 # once: images -> out/tokens
+    python prepare.py --vae out/vae_sl/best.pt                 # once: images -> out/tokens
     python tokenizer.py train captions.txt --vocab-size 600 --out out/bpe_shapes.txt.gz   # optional
     python train_gpt.py --bpe out/bpe_shapes.txt.gz            # small preset, CPU size
     torchrun --nproc_per_node 8 train_gpt.py --preset paper --tokens /data/coco_tokens \

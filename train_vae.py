@@ -2,12 +2,14 @@
 Train AugVAE (stage 1 of L-Verse): multi-level first, then fine-tune the single-level model.
 
     python train_vae.py --ml                                   # built-in shapes, CPU size
-    python train_vae.py --sl --init out/vae_ml/ckpt.pt
+    python train_vae.py --sl --init out/vae_ml/best.pt
     torchrun --nproc_per_node 8 train_vae.py --ml --preset paper --data /data/imagenet \
         --batch-size 8 --dtype float32 --lpips-vgg vgg16.pth --lpips-heads lpips_vgg.pth
 
 One script for CPU, one GPU and many (torchrun: gloo on CPU, NCCL on CUDA). Every setting
 below is a command-line flag (`--help`); the resolved settings go to OUT/config.json.
+OUT/ckpt.pt is the latest state, for --resume; OUT/best.pt holds the weights with the best
+validation loss so far: the model to fine-tune (--sl --init) or to tokenize with (prepare.py).
 A kill at any point loses at most `--ckpt-every` steps: `--resume` picks up from OUT/ckpt.pt
 and, on CPU, reproduces the uninterrupted run bit for bit.
 """
@@ -363,6 +365,12 @@ def main(argv: list | None = None) -> augvae.AugVAE:
                 data.save_grid(ev["grid"], os.path.join(out, f"recon_{step:06d}.png"))
             if ev["val_loss"] < best_val:
                 best_val, bad_evals = ev["val_loss"], 0
+                if master:  # the model to use downstream: the best validation loss so far
+                    data.save_checkpoint({
+                        "kind": augvae.CHECKPOINT_KIND, "format_version": data.CHECKPOINT_FORMAT,
+                        "config": mcfg.to_dict(), "model": raw.state_dict(), "step": step,
+                        "val_loss": ev["val_loss"], "val_psnr": ev["val_psnr"]}, os.path.join(out, "best.pt"))
+                    log(f"new best validation loss: saved {os.path.join(out, 'best.pt')}")
             else:
                 bad_evals += 1
                 if bad_evals >= cfg["plateau_patience"] and lr / 2 >= cfg["min_lr"]:

@@ -45,7 +45,7 @@ def ml_run(tmp_path_factory):
 
 
 def test_ml_then_sl_smoke(ml_run, tmp_path):
-    for f in ("ckpt.pt", "log.txt", "config.json", "recon_000003.png", "recon_000006.png"):
+    for f in ("ckpt.pt", "best.pt", "log.txt", "config.json", "recon_000003.png", "recon_000006.png"):
         assert (ml_run / f).exists(), f
     c = ckpt(ml_run / "ckpt.pt")
     assert c["kind"] == "augvae" and c["step"] == 6 and not c["config"]["single_level"]
@@ -55,14 +55,16 @@ def test_ml_then_sl_smoke(ml_run, tmp_path):
     assert grid.height > 2 * 32 and grid.width >= 4 * 32  # inputs above, reconstructions below
 
     sl_out = tmp_path / "sl"
-    r = run(["--sl", "--init", str(ml_run / "ckpt.pt"), *TINY, "--max-steps", "3", "--out", str(sl_out)])
+    best = ckpt(ml_run / "best.pt")  # the best validation loss, a model-only checkpoint
+    assert best["kind"] == "augvae" and best["step"] in (3, 6) and "optimizer" not in best
+    r = run(["--sl", "--init", str(ml_run / "best.pt"), *TINY, "--max-steps", "3", "--out", str(sl_out)])
     assert r.returncode == 0, r.stderr[-2000:]
     s = ckpt(sl_out / "ckpt.pt")
     assert s["config"]["single_level"] and s["step"] == 3
     model = augvae.AugVAE(augvae.AugVAEConfig.from_dict(s["config"]))
     model.load_state_dict(s["model"])
     # the encoders came from the ML run (then fine-tuned 3 steps: close, not equal)
-    ml_w, sl_w = c["model"]["enc.0.conv_in.weight"], s["model"]["enc.0.conv_in.weight"]
+    ml_w, sl_w = best["model"]["enc.0.conv_in.weight"], s["model"]["enc.0.conv_in.weight"]
     assert not torch.equal(ml_w, sl_w) and torch.allclose(ml_w, sl_w, atol=0.05)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert model.eval().encode(x).shape == (2, 4, 4)  # 32 px / 8
