@@ -379,3 +379,18 @@ def test_optimizer_groups():
     assert all(n.endswith('.weight') and ('c_' in n or n == 'lm_head.weight') for n in decay_names)
     assert len(decay_names) == 4 * c.n_layer + 1  # c_attn, attn c_proj, c_fc, mlp c_proj; lm_head
     assert opt.param_groups[0]['betas'] == (0.9, 0.95) and opt.param_groups[0]['eps'] == 1e-8
+
+
+def test_forward_of_the_full_paper_model_on_cpu():
+    """The whole 522M-parameter paper model, one sequence of the paper's length, no training."""
+    torch.manual_seed(0)
+    config = BiARTConfig.preset('paper')
+    model = BiART(config).eval()
+    assert sum(p.numel() for p in model.parameters()) == 522_170_368
+    text, image = random_batch(config, 1, seed=2)
+    with torch.no_grad():
+        idx, seg, targets = build_sequence(text, image, 't2i', config)
+        assert idx.shape == (1, 1089)
+        _, loss, parts = model(idx, seg, targets)
+    assert abs(parts['gen'].item() - 9.01) < 0.5 and abs(parts['ref'].item() - 10.81) < 0.5
+    del model
