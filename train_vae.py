@@ -59,7 +59,7 @@ DEFAULTS = dict(
     weight_decay=1e-5,
     plateau_patience=3,    # halve the lr after this many evaluations without a better val loss
     min_lr=1e-6,           # never halve below this
-    grad_clip=0.0,         # 0: no clipping (the release does not clip)
+    grad_clip=1.0,         # clip the gradient norm (0: off, as in the release)
     # loss
     lpips_vgg="",          # torchvision vgg16 weights (.pth); with --lpips-heads turns LPIPS on
     lpips_heads="",        # LPIPS v0.1 linear heads for vgg (.pth)
@@ -98,7 +98,8 @@ HELP = dict(
     weight_decay="AdamW weight decay (paper: 1e-5)",
     plateau_patience="evaluations without a better validation loss before the lr is halved",
     min_lr="lower bound for the halving",
-    grad_clip="clip the gradient norm to this (0: off, as in the release)",
+    grad_clip="clip the gradient norm to this; 0 turns clipping off, as in the release (on the CPU demo, clipping at 1 "
+              "removed the loss spikes of lr 1e-3 and gave +1.1 dB at 750 SL steps)",
     lpips_vgg="torchvision VGG16 weights file (e.g. vgg16-397923af.pth); LPIPS needs it and --lpips-heads",
     lpips_heads="LPIPS v0.1 linear-head weights for VGG (the lpips project's weights/v0.1/vgg.pth)",
     lpips_weight="weight of LPIPS in the loss (paper: 0.1)",
