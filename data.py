@@ -349,16 +349,20 @@ def _draw_coverage(shape, extent, cx, cy, image_size):
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
-def shapes_example(index: int, split: str = "train", image_size: int = 64, num_objects: int = 1,
-                   seed: int = 0) -> ShapesExample:
-    """Example `index` of a split. The scene and captions depend on (seed, split,
-    num_objects, index) only, so the same index at 64 and 256 px shows the same scene."""
+def _check_shapes_args(split, num_objects, image_size):
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if num_objects not in (1, 2):
         raise ValueError(f"num_objects must be 1 or 2, got {num_objects!r}")
     if not 32 <= image_size <= 512:
         raise ValueError(f"image_size must be in 32..512, got {image_size!r}")
+
+
+def shapes_example(index: int, split: str = "train", image_size: int = 64, num_objects: int = 1,
+                   seed: int = 0) -> ShapesExample:
+    """Example `index` of a split. The scene and captions depend on (seed, split,
+    num_objects, index) only, so the same index at 64 and 256 px shows the same scene."""
+    _check_shapes_args(split, num_objects, image_size)
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
     rng = _example_rng(seed, split, num_objects, index)
@@ -388,12 +392,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     """`length` examples of a split as (3, H, W) float32 tensors in [-1, 1]."""
 
     def __init__(self, split="train", length=10000, image_size=64, num_objects=1, seed=0):
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        if num_objects not in (1, 2):
-            raise ValueError(f"num_objects must be 1 or 2, got {num_objects!r}")
-        if not 32 <= image_size <= 512:
-            raise ValueError(f"image_size must be in 32..512, got {image_size!r}")
+        _check_shapes_args(split, num_objects, image_size)
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length!r}")
         self.split, self.length, self.image_size = split, length, image_size

@@ -24,13 +24,7 @@ SHAPES = ["--train-size", "10", "--val-size", "4", "--test-size", "0", "--heldou
           "--chunk-size", "4", "--batch-size", "3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs share 2 cores with the subprocesses and other jobs: 1 thread, like OMP_NUM_THREADS=1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def run(args, timeout=120, cwd=ROOT):

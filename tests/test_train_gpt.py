@@ -24,13 +24,7 @@ TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--batch-size", "4"
         "--log-every", "1", "--lr", "3e-3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process work shares 2 cores with the subprocesses: 1 thread, like OMP_NUM_THREADS=1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def run(args, timeout=240, cwd=ROOT):
