@@ -965,6 +965,16 @@ def rng_state() -> dict:
     return s
 
 
+def all_rng_states(world: int) -> list:
+    """Every rank's RNG state (rank order), gathered on all ranks, for the checkpoint."""
+    mine = rng_state()
+    if world == 1:
+        return [mine]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
 def set_rng_state(s: dict):
     torch.set_rng_state(s["torch"])
     random.setstate((3, tuple(s["python"]), None))

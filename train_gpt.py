@@ -485,11 +485,7 @@ def main(argv: list | None = None) -> biart.BiART:
                         lr, bad_evals = lr / 2, 0
                         log(f"validation loss plateaued: lr halved to {lr:.3g}")
             if step % cfg["ckpt_every"] == 0 or last:
-                rngs = [data.rng_state()]
-                if ddp:
-                    gathered = [None] * world
-                    dist.all_gather_object(gathered, rngs[0])
-                    rngs = gathered
+                rngs = data.all_rng_states(world)
                 if master:
                     save_checkpoint(rngs)
                     log(f"saved checkpoint step {step} to {os.path.join(out, 'ckpt.pt')}")

@@ -7,6 +7,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -18,3 +22,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kill_when_logged():
+    """Start `cmd`, wait until `log` (a path) contains `marker`, then kill -9 it: a real kill
+    in the middle of training, right after a checkpoint was announced."""
+    def run(cmd: list, log, marker: str, env: dict, cwd: str, timeout: float = 120):
+        p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if log.exists() and marker in log.read_text():
+                break
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    return run

@@ -3,10 +3,8 @@ kill -9 and resume, two-process DDP, bad input, and a short run that learns both
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -126,7 +124,7 @@ def test_smoke_checkpoint_and_log(setup, tmp_path):
     assert "both directions per batch" in log and "accumulation 2" in log and "step 2 mix loss" in log
 
 
-def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path):
+def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path, kill_when_logged):
     args = [*base(setup), "--max-steps", "80", "--eval-every", "5", "--ckpt-every", "4", "--plateau-patience", "1",
             "--dropout", "0.1", "--warmup-steps", "3", "--total-batch", "8", "--lr", "5e-2"]
     full = tmp_path / "full"
@@ -135,16 +133,10 @@ def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path):
     assert "lr halved" in (full / "log.txt").read_text()  # the plateau state is part of what resumes
 
     cut = tmp_path / "cut"
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args, "--out", str(cut)],
-                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    # kill -9 right after the second checkpoint is announced
+    kill_when_logged([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args, "--out", str(cut)],
+                     cut / "log.txt", "saved checkpoint step 8", ENV, ROOT)
     log = cut / "log.txt"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill right after the second checkpoint is announced
-        if log.exists() and "saved checkpoint step 8" in log.read_text():
-            break
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
     killed_at = ckpt(cut / "ckpt.pt")["step"]  # loads: the file was never half-written
     assert 8 <= killed_at < 80, "the run finished before the kill; make it longer"
 

@@ -1,10 +1,8 @@
 """train_vae.py as a user runs it: subprocess CLI runs, kill -9 and resume, two-process DDP."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -70,7 +68,7 @@ def test_ml_then_sl_smoke(ml_run, tmp_path):
     assert model.eval().encode(x).shape == (2, 4, 4)  # 32 px / 8
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, kill_when_logged):
     args = ["--ml", *TINY, "--max-steps", "40", "--eval-every", "5", "--ckpt-every", "4", "--plateau-patience", "1"]
     full = tmp_path / "full"
     r = run([*args, "--out", str(full)])
@@ -78,16 +76,9 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
 
     cut = tmp_path / "cut"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_vae.py"), *args, "--out", str(cut)],
-                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    log = cut / "log.txt"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill right after the second checkpoint is announced
-        if log.exists() and "saved checkpoint step 8" in log.read_text():
-            break
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # kill -9 right after the second checkpoint is announced
+    kill_when_logged([sys.executable, os.path.join(ROOT, "train_vae.py"), *args, "--out", str(cut)],
+                     cut / "log.txt", "saved checkpoint step 8", env, ROOT)
     killed_at = ckpt(cut / "ckpt.pt")["step"]  # loads: the file was never half-written
     assert 8 <= killed_at < 40, "the run finished before the kill; make it longer"
 
