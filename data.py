@@ -1026,9 +1026,20 @@ def load_checkpoint(path, kind: str) -> dict:
     return ckpt
 
 
+def kept_checkpoint(path) -> str:
+    """What a training run that must stop leaves behind, for its error message."""
+    if not os.path.exists(path):
+        return f"no checkpoint was written yet ({path} does not exist)"
+    try:
+        return f"the last good checkpoint is kept at {path} (step {int(load_weights(path).get('step', 0))})"
+    except CheckpointError as e:
+        return f"the checkpoint at {path} is not loadable ({e})"
+
+
 def save_checkpoint(obj: dict, path) -> None:
     """Write atomically: a temp file in the same folder, fsync, then os.replace, so a kill or
-    a full disk never leaves a half-written file where the previous checkpoint was."""
+    a full disk never leaves a half-written file where the previous checkpoint was. A failed
+    write removes its temp file and raises OSError naming `path`."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -1038,10 +1049,16 @@ def save_checkpoint(obj: dict, path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise OSError(f"could not write checkpoint {path}: {e.strerror or e}") from None
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        # torch.save reports a failed write (full disk, file-size limit) as a RuntimeError
+        # ("unexpected pos ...") raised while handling the OSError: name that one
+        cause = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else _first_line(cause)
+        raise OSError(f"could not write checkpoint {path}: {reason}") from None
 
 
 # -----------------------------------------------------------------------------

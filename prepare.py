@@ -38,6 +38,7 @@ composition inside a chunk is fixed, so 1 and N processes give identical arrays.
 """
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -276,22 +277,28 @@ def load_vae(path: str) -> augvae.AugVAE:
     return model.float().eval()
 
 
-def _atomic_write_text(path: str, text: str):
+def _write_atomically(path: str, binary: bool, write):
+    """write(file) into a temp file beside `path`, fsync, rename. A failed write (a full disk)
+    removes the temp file and raises OSError naming `path`."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def _atomic_write_text(path: str, text: str):
+    _write_atomically(path, False, lambda f: f.write(text))
 
 
 def _save_npz(path: str, **arrays):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomically(path, True, lambda f: np.savez(f, **arrays))
 
 
 def output_files(out: str) -> list:

@@ -444,8 +444,8 @@ def main(argv: list | None = None) -> biart.BiART:
                 with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
                     _, loss, parts = model(idx, seg, targets)
                 if not torch.isfinite(loss):
-                    raise TrainingError(f"loss is {float(loss)} at step {step}: stopping; the last good checkpoint "
-                                        f"is kept at {os.path.join(out, 'ckpt.pt')}")
+                    raise TrainingError(f"loss is {float(loss.detach())} at step {step}: stopping; "
+                                        + data.kept_checkpoint(os.path.join(out, "ckpt.pt")))
                 scaler.scale(loss / grad_accum).backward()
                 d = 0 if direction in ("t2i", "mix") else 1
                 terms = [loss.detach(), parts["ref"].detach(), parts["gen"].detach()]

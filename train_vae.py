@@ -323,68 +323,70 @@ def main(argv: list | None = None) -> augvae.AugVAE:
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc=f"AugVAE-{stage.upper()}",
                dynamic_ncols=True)
     t0, seen = time.time(), 0
-    while step < cfg["max_steps"]:
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        terms_sum = {}
-        for micro in range(cfg["grad_accum"]):
-            x = next(loader).to(device, non_blocking=True)
-            sync = not ddp or micro == cfg["grad_accum"] - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
-                recon, commit, stats = model(x)
-                loss, terms = loss_fn(recon, x)
-                loss = loss + commit
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {float(loss)} at step {step}: stopping; the last good checkpoint "
-                                    f"is kept at {os.path.join(out, 'ckpt.pt')}")
-            scaler.scale(loss / cfg["grad_accum"]).backward()
-            for k, v in {"loss": loss, "commit": commit, **terms}.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seen += total_batch
-        bar.update(1)
+    try:  # the bar closes before any error message, which then stays the last line
+        while step < cfg["max_steps"]:
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            terms_sum = {}
+            for micro in range(cfg["grad_accum"]):
+                x = next(loader).to(device, non_blocking=True)
+                sync = not ddp or micro == cfg["grad_accum"] - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
+                    recon, commit, stats = model(x)
+                    loss, terms = loss_fn(recon, x)
+                    loss = loss + commit
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss is {float(loss.detach())} at step {step}: stopping; "
+                                        + data.kept_checkpoint(os.path.join(out, "ckpt.pt")))
+                scaler.scale(loss / cfg["grad_accum"]).backward()
+                for k, v in {"loss": loss, "commit": commit, **terms}.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]
+            if cfg["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seen += total_batch
+            bar.update(1)
 
-        if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
-            used = [int((c > 0).sum()) for c in stats["counts"]]
-            bar.set_postfix(loss=f"{terms_sum['loss']:.4f}")
-            log(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in terms_sum.items())
-                + f" codes/batch {used} lr {lr:.3g} {seen / (time.time() - t0):.1f} img/s")
+            if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
+                used = [int((c > 0).sum()) for c in stats["counts"]]
+                bar.set_postfix(loss=f"{terms_sum['loss']:.4f}")
+                log(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in terms_sum.items())
+                    + f" codes/batch {used} lr {lr:.3g} {seen / (time.time() - t0):.1f} img/s")
 
-        last = step == cfg["max_steps"]
-        if step % cfg["eval_every"] == 0 or last:
-            ev = evaluate()
-            log(f"eval step {step}: val_loss {ev['val_loss']:.4f} val_psnr {ev['val_psnr']:.2f} dB "
-                f"codebook usage {ev['usage']} of {mcfg.codebook_size} perplexity "
-                f"{[round(p, 1) for p in ev['perplexity']]}")
-            if master and ev["grid"] is not None:
-                data.save_grid(ev["grid"], os.path.join(out, f"recon_{step:06d}.png"))
-            if ev["val_loss"] < best_val:
-                best_val, bad_evals = ev["val_loss"], 0
-                if master:  # the model to use downstream: the best validation loss so far
-                    data.save_checkpoint({
-                        "kind": augvae.CHECKPOINT_KIND, "format_version": data.CHECKPOINT_FORMAT,
-                        "config": mcfg.to_dict(), "model": raw.state_dict(), "step": step,
-                        "val_loss": ev["val_loss"], "val_psnr": ev["val_psnr"]}, os.path.join(out, "best.pt"))
-                    log(f"new best validation loss: saved {os.path.join(out, 'best.pt')}")
-            else:
-                bad_evals += 1
-                if bad_evals >= cfg["plateau_patience"] and lr / 2 >= cfg["min_lr"]:
-                    lr, bad_evals = lr / 2, 0
-                    log(f"validation loss plateaued: lr halved to {lr:.3g}")
-        if step % cfg["ckpt_every"] == 0 or last:
-            rngs = data.all_rng_states(world)
-            if master:
-                save_checkpoint()
-                log(f"saved checkpoint step {step} to {os.path.join(out, 'ckpt.pt')}")
-            if ddp:
-                dist.barrier()
-    bar.close()
+            last = step == cfg["max_steps"]
+            if step % cfg["eval_every"] == 0 or last:
+                ev = evaluate()
+                log(f"eval step {step}: val_loss {ev['val_loss']:.4f} val_psnr {ev['val_psnr']:.2f} dB "
+                    f"codebook usage {ev['usage']} of {mcfg.codebook_size} perplexity "
+                    f"{[round(p, 1) for p in ev['perplexity']]}")
+                if master and ev["grid"] is not None:
+                    data.save_grid(ev["grid"], os.path.join(out, f"recon_{step:06d}.png"))
+                if ev["val_loss"] < best_val:
+                    best_val, bad_evals = ev["val_loss"], 0
+                    if master:  # the model to use downstream: the best validation loss so far
+                        data.save_checkpoint({
+                            "kind": augvae.CHECKPOINT_KIND, "format_version": data.CHECKPOINT_FORMAT,
+                            "config": mcfg.to_dict(), "model": raw.state_dict(), "step": step,
+                            "val_loss": ev["val_loss"], "val_psnr": ev["val_psnr"]}, os.path.join(out, "best.pt"))
+                        log(f"new best validation loss: saved {os.path.join(out, 'best.pt')}")
+                else:
+                    bad_evals += 1
+                    if bad_evals >= cfg["plateau_patience"] and lr / 2 >= cfg["min_lr"]:
+                        lr, bad_evals = lr / 2, 0
+                        log(f"validation loss plateaued: lr halved to {lr:.3g}")
+            if step % cfg["ckpt_every"] == 0 or last:
+                rngs = data.all_rng_states(world)
+                if master:
+                    save_checkpoint()
+                    log(f"saved checkpoint step {step} to {os.path.join(out, 'ckpt.pt')}")
+                if ddp:
+                    dist.barrier()
+    finally:
+        bar.close()
     if master:
         log(f"done: {step} steps in {time.time() - t0:.0f} s this session")
         log_file.close()

@@ -38,3 +38,63 @@ def kill_when_logged():
         p.send_signal(signal.SIGKILL)
         p.wait()
     return run
+
+
+# --- the tiny pipeline several test files share --------------------------------------------
+
+import json  # noqa: E402
+
+import augvae  # noqa: E402
+import data  # noqa: E402
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def save_tiny_vae(path, single_level: bool = True, codebook_size: int = 512, images: int = 32):
+    """A tiny AugVAE (the small preset at 32 px: 4x4 SL tokens) in train_vae.py's checkpoint
+    layout. One training-mode forward lets the quantizer take its codebook from encoder
+    outputs, so tokens vary with the image (a fresh N(0, 1) codebook maps nearly everything to
+    one code, and would make every check weak)."""
+    torch.manual_seed(0)
+    cfg = augvae.preset("small", image_size=32, single_level=single_level, codebook_size=codebook_size)
+    model = augvae.AugVAE(cfg)
+    model.train()(torch.stack([data.ShapesDataset("train", 32, 32)[i] for i in range(images)]))
+    data.save_checkpoint({"kind": augvae.CHECKPOINT_KIND, "format_version": data.CHECKPOINT_FORMAT,
+                          "config": cfg.to_dict(), "model": model.state_dict(), "step": 0}, path)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tmp_path_factory):
+    """prepare.py on 64 shapes (1 crop each) with a tiny AugVAE-SL, and a BPE learned from the
+    training captions with `python tokenizer.py train`. -> (tokens dir, bpe path, vae path)."""
+    import prepare
+    folder = tmp_path_factory.mktemp("tiny_tokens")
+    vae = folder / "vae.pt"
+    save_tiny_vae(vae)
+    tokens = folder / "tokens"
+    prepare.main(["--vae", str(vae), "--out", str(tokens), "--train-size", "64", "--val-size", "8",
+                  "--test-size", "0", "--heldout-size", "0", "--crops", "1", "--chunk-size", "32"])
+    captions = folder / "captions.txt"
+    with open(tokens / "train.jsonl") as f:
+        captions.write_text("".join(c + "\n" for line in f for c in json.loads(line)["captions"]))
+    bpe = folder / "bpe.txt.gz"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", str(captions),
+                        "--vocab-size", "600", "--out", str(bpe)], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    return tokens, bpe, vae
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_tokens):
+    """tiny_tokens plus 30 steps of train_gpt.py (1 layer, 32 wide). -> (vae path, gpt path)."""
+    import train_gpt
+    tokens, bpe, vae = tiny_tokens
+    gpt = tokens.parent / "gpt"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train_gpt.main(["--tokens", str(tokens), "--bpe", str(bpe), "--out", str(gpt), "--n-layer", "1",
+                    "--n-embd", "32", "--n-head", "2", "--batch-size", "8", "--eval-images", "8",
+                    "--max-steps", "30", "--lr", "3e-3", "--device", "cpu"])
+    torch.set_num_threads(threads)
+    return str(vae), str(gpt / "ckpt.pt")

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import augvae
 import data
 import prepare
+from conftest import save_tiny_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -32,23 +32,10 @@ def run(args, timeout=120, cwd=ROOT):
                           capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def save_vae(path, single_level=True):
-    """A tiny AugVAE in train_vae.py's checkpoint layout. One training-mode forward lets the
-    quantizer take its codebook from encoder outputs, so tokens vary with the image (a fresh
-    N(0, 1) codebook maps nearly everything to one code, and would make every check weak)."""
-    torch.manual_seed(0)
-    cfg = augvae.preset("small", image_size=32, single_level=single_level)
-    model = augvae.AugVAE(cfg)
-    model.train()(torch.stack([data.ShapesDataset("train", 32, 32)[i] for i in range(32)]))
-    data.save_checkpoint({"kind": augvae.CHECKPOINT_KIND, "format_version": data.CHECKPOINT_FORMAT,
-                          "config": cfg.to_dict(), "model": model.state_dict(), "step": 0}, path)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae") / "sl.pt"
-    return save_vae(path), str(path)
+    return save_tiny_vae(path), str(path)
 
 
 def outputs(folder, split):
@@ -241,7 +228,7 @@ def test_two_process_torchrun_equals_one_process(vae, shapes_out, tmp_path):
 @pytest.fixture(scope="module")
 def bad_checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")
-    save_vae(folder / "ml.pt", single_level=False)
+    save_tiny_vae(folder / "ml.pt", single_level=False)
     torch.save({"kind": "biart", "format_version": 1, "config": {}, "model": {}}, folder / "biart.pt")
     (folder / "bad.tsv").write_text("a caption without a path\n")
     return folder

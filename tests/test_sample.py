@@ -13,12 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import augvae
 import biart
 import data
-import prepare
 import sample
-import train_gpt
+from conftest import save_tiny_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -31,41 +29,13 @@ def run(args, timeout=240):
                           capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def save_vae(path, codebook_size=512):
-    torch.manual_seed(0)
-    cfg = augvae.preset("small", image_size=32, single_level=True, codebook_size=codebook_size)
-    model = augvae.AugVAE(cfg)
-    model.train()(torch.stack([data.ShapesDataset("train", 32, 32)[i] for i in range(32)]))  # codebook from data
-    data.save_checkpoint({"kind": augvae.CHECKPOINT_KIND, "format_version": data.CHECKPOINT_FORMAT,
-                          "config": cfg.to_dict(), "model": model.state_dict()}, path)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The real pipeline at toy size: AugVAE-SL (32 px -> 4x4 tokens), prepare.py, a BPE from the
-    training captions, 30 steps of train_gpt.py. -> (vae path, gpt path, folder)."""
-    folder = tmp_path_factory.mktemp("sample")
-    vae = folder / "vae.pt"
-    save_vae(vae)
-    tokens = folder / "tokens"
-    prepare.main(["--vae", str(vae), "--out", str(tokens), "--train-size", "64", "--val-size", "8",
-                  "--test-size", "0", "--heldout-size", "0", "--chunk-size", "64"])
-    captions = folder / "captions.txt"
-    with open(tokens / "train.jsonl") as f:
-        captions.write_text("".join(c + "\n" for line in f for c in json.loads(line)["captions"]))
-    bpe = folder / "bpe.txt.gz"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", str(captions),
-                        "--vocab-size", "600", "--out", str(bpe)], capture_output=True, text=True, env=ENV)
-    assert r.returncode == 0, r.stderr
-    gpt = folder / "gpt"
-    train_gpt.main(["--tokens", str(tokens), "--bpe", str(bpe), "--out", str(gpt), "--n-layer", "1",
-                    "--n-embd", "32", "--n-head", "2", "--batch-size", "8", "--eval-images", "8",
-                    "--max-steps", "30", "--lr", "3e-3", "--device", "cpu"])
-    return str(vae), str(gpt / "ckpt.pt"), folder
+def trained(tiny_models):
+    return tiny_models
 
 
 def models(trained):
-    vae, gpt, _ = trained
+    vae, gpt = trained
     return ["--vae", vae, "--gpt", gpt]
 
 
@@ -128,14 +98,14 @@ def test_caption_every_image_kind_and_skip_bad_files(trained, tmp_path):
         assert f"{name}: {row['caption']}" in r.stdout
     for name in bad:
         assert "error" in rows[name] and name in rows[name]["error"]
-        assert f"skipped" in r.stderr and name in r.stderr
+        assert "skipped" in r.stderr and name in r.stderr
     assert "Traceback" not in r.stderr
     assert f"{len(good)} of {len(good) + len(bad)} inputs done" in r.stdout
     assert (out / "i2t_grid.png").exists()
 
 
 def test_exif_rotation_and_modes_reach_the_same_view(trained, tmp_path):
-    vae, gpt, _ = trained
+    vae, gpt = trained
     write_image_kinds(tmp_path)
     s = sample.Sampler(vae, gpt, device="cpu")
     upright = np.asarray(s.view(data.load_image(tmp_path / "a.jpg")), dtype=np.float32)
@@ -201,7 +171,7 @@ def test_batch_texts_skip_bad_lines(trained, tmp_path):
 # --- reranking -------------------------------------------------------------------------------
 
 def test_self_rerank_scores_are_the_other_directions_likelihood(trained):
-    vae, gpt, _ = trained
+    vae, gpt = trained
     s = sample.Sampler(vae, gpt, device="cpu", batch_size=5)  # 5: forces chunked calls
     ex = data.shapes_example(0, "test", 32)
     image = s.encode_images([Image.fromarray(ex.image)])
@@ -268,7 +238,7 @@ def test_clip_rerank_with_a_torchscript_file(trained, tmp_path):
 @pytest.fixture(scope="module")
 def other_vae(tmp_path_factory):
     path = tmp_path_factory.mktemp("other") / "vae256.pt"
-    save_vae(path, codebook_size=256)
+    save_tiny_vae(path, codebook_size=256)
     return str(path)
 
 
@@ -283,7 +253,7 @@ def other_vae(tmp_path_factory):
     ("missing_gpt", "no such file"),
 ])
 def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_path):
-    vae, gpt, _ = trained
+    vae, gpt = trained
     args = {
         "vae_as_gpt": ["--vae", vae, "--gpt", vae, "--text", "a red circle."],
         "gpt_as_vae": ["--vae", gpt, "--gpt", gpt, "--text", "a red circle."],

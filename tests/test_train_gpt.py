@@ -9,10 +9,8 @@ import sys
 import pytest
 import torch
 
-import augvae
 import biart
 import data
-import prepare
 import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,28 +39,10 @@ def assert_same_state(a: dict, b: dict):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """prepare.py on 64 shapes (1 crop each) with a random tiny AugVAE-SL, and a BPE learned
-    from the training captions with `python tokenizer.py train`. -> (tokens dir, bpe path, vae path)."""
-    folder = tmp_path_factory.mktemp("gpt_data")
-    torch.manual_seed(0)
-    vcfg = augvae.preset("small", image_size=32, single_level=True)
-    model = augvae.AugVAE(vcfg)
-    model.train()(torch.stack([data.ShapesDataset("train", 32, 32)[i] for i in range(32)]))  # codebook from data
-    vae = folder / "vae.pt"
-    data.save_checkpoint({"kind": augvae.CHECKPOINT_KIND, "format_version": data.CHECKPOINT_FORMAT,
-                          "config": vcfg.to_dict(), "model": model.state_dict()}, vae)
-    tokens = folder / "tokens"
-    prepare.main(["--vae", str(vae), "--out", str(tokens), "--train-size", "64", "--val-size", "8",
-                  "--test-size", "0", "--heldout-size", "0", "--crops", "1", "--chunk-size", "32"])
-    captions = folder / "captions.txt"
-    with open(tokens / "train.jsonl") as f:
-        captions.write_text("".join(c + "\n" for line in f for c in json.loads(line)["captions"]))
-    bpe = folder / "bpe.txt.gz"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", str(captions),
-                        "--vocab-size", "600", "--out", str(bpe)], capture_output=True, text=True, env=ENV)
-    assert r.returncode == 0, r.stderr
-    return tokens, bpe, vae
+def setup(tiny_tokens):
+    """prepare.py on 64 shapes (1 crop each) with a tiny AugVAE-SL, and a BPE learned from the
+    training captions (conftest.py). -> (tokens dir, bpe path, vae path)."""
+    return tiny_tokens
 
 
 def base(setup):
