@@ -98,11 +98,16 @@ class AugVAEConfig:
 
 
 # presets: `paper` is the released configuration; `small` trains in minutes on a laptop CPU
-# on the built-in 64 px shapes (SL tokens 8x8, like the paper's 32x32 at 256 px).
+# on the built-in 64 px shapes: SL tokens 8x8 (image / 8, as the paper's 32x32 at 256 px), but
+# from three ML levels 8x8, 4x4, 2x2 with the token level the finest. The paper's token level
+# (32x32) is the second finest: its ML model puts most detail in the 64x64 level, which SL
+# drops, so SL relearns from a blurry start. At CPU budgets that costs most of the run (SL
+# from a 16/8/4/2 ML: 21.1 dB after 150 ML + 150 SL steps; from this layout: 28.5 dB after
+# 150 + 250), so here the level SL keeps is the one ML trained hardest.
 PRESETS = {
     "paper": dict(),
-    "small": dict(image_size=64, hidden=16, num_res_blocks=1, z_channels=64,
-                  codebook_size=512, norm_groups=8),
+    "small": dict(image_size=64, hidden=16, num_res_blocks=1, z_channels=64, codebook_size=512,
+                  norm_groups=8, stem_mult=(1, 2, 4, 4), num_levels=3, token_level=0),
 }
 
 

@@ -34,7 +34,6 @@ import os
 import re
 import sys
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
