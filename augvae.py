@@ -108,6 +108,13 @@ PRESETS = {
     "paper": dict(),
     "small": dict(image_size=64, hidden=16, num_res_blocks=1, z_channels=64, codebook_size=512,
                   norm_groups=8, stem_mult=(1, 2, 4, 4), num_levels=3, token_level=0),
+    # Fashion-MNIST at 32 px (28 px padded): the small preset with a 4x stem, so SL tokens are
+    # 8x8 (ML levels 8x8, 4x4, 2x2). The small preset's 4x4 tokens at 32 px lose the class:
+    # after 300 ML + 300 SL steps, 21.1 dB and a CNN that knows 92% of the test images knows
+    # 73% of their reconstructions; here 24.5 dB and 85%, at about the same cost per step
+    # (64 px with the small preset would be 4x the pixels for the same 8x8 tokens).
+    "fashion": dict(image_size=32, hidden=16, num_res_blocks=1, z_channels=64, codebook_size=512,
+                    norm_groups=8, stem_mult=(1, 2, 4), num_levels=3, token_level=0),
 }
 
 

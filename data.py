@@ -1,5 +1,5 @@
 """
-Data for L-Verse: the built-in captioned shapes dataset, and real image folders.
+Data for L-Verse: the built-in captioned shapes dataset, real image folders, Fashion-MNIST.
 
 1. Captioned shapes (see shared SHAPES.md). Every example is generated on the fly, the same
    on any machine, from (seed, split, num_objects, index): numpy draws the scene, PIL draws it
@@ -25,15 +25,20 @@ Data for L-Verse: the built-in captioned shapes dataset, and real image folders.
      `match_attributes` scores predicted against true attributes.
 2. Real images: `load_image` (robust decoding to RGB, one exception type), crops,
    `ImageFolder` (skips unreadable files), `save_grid`, `split_indices`.
-3. Training plumbing shared by the train scripts: `MicroBatches` (a resumable, rank-sharded
+3. Fashion-MNIST, real photos with captions from templates: `read_idx` (the idx format, one-line
+   errors), `read_fashion_mnist`, `fashion_image` (28 px -> a 32 px RGB image, dark on white),
+   `fashion_captions` (training paraphrases) and FASHION_HELDOUT_TEMPLATES (never trained on),
+   `parse_fashion_caption` (the class a caption names).
+4. Training plumbing shared by the train scripts: `MicroBatches` (a resumable, rank-sharded
    order of micro-batches), `EpochIndexed`, RNG state capture, and checkpoint files
    (`load_checkpoint` / `save_checkpoint`: weights-only loads, atomic writes).
-4. CLI: `python data.py show ...` previews the shapes, `python data.py export ...` writes them
+5. CLI: `python data.py show ...` previews the shapes, `python data.py export ...` writes them
    as an ordinary image folder plus captions.jsonl.
 """
 
 import argparse
 import contextlib
+import gzip
 import hashlib
 import itertools
 import json
@@ -865,6 +870,177 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple:
     if val_fraction > 0 and n > 1:
         n_val = min(max(n_val, 1), n - 1)
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+
+# ----------------------------------------------------------------------------------------
+# Fashion-MNIST (Xiao et al. 2017): 70,000 real 28x28 grayscale photos of 10 kinds of
+# clothing, read from the standard idx files (gzipped or not), captioned from templates.
+# The official split is kept: 60,000 train, 10,000 test (never trained on; the scripts hold a
+# validation slice out of train). The files hold a light garment on black; fashion_image
+# inverts that to a dark garment on white (the captions say "on a white background", as in
+# the catalogue photos the set was made from) and pads 28 -> 32 px with white, so the side
+# is a multiple of 16 (augvae's 'fashion' preset: 8x8 tokens, ML levels down to 2x2).
+
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs it
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_SIDE = 28        # pixels of a Fashion-MNIST image
+FASHION_PADDED = 32      # after fashion_image's white border (2 px each side)
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # the official names, label order
+FASHION_NOUNS = ("t-shirt", "pair of trousers", "pullover", "dress", "coat",
+                 "sandal", "shirt", "sneaker", "bag", "ankle boot")  # what the captions call them
+# other words parse_fashion_caption accepts for a class (a caption naming two classes is None)
+FASHION_ALIASES = {0: ("top", "tee"), 1: ("pants",), 2: ("sweater", "jumper"), 9: ("boot",)}
+# training paraphrases ({a}: the noun's article). Every caption names the class once.
+FASHION_TEMPLATES = (
+    "a photo of {a} {noun}.",
+    "{a} {noun} on a white background.",
+    "a picture of {a} {noun}.",
+    "a product photo of {a} {noun}.",
+    "{a} {noun}.",
+    "a black and white photo of {a} {noun}.",
+    "a small grey image of {a} {noun}.",
+    "this is {a} {noun}.",
+)
+# held-out paraphrases: never in a training caption, used to draw images for evaluation.
+# They recombine words of the training templates, so no word is new to the model.
+FASHION_HELDOUT_TEMPLATES = (
+    "a picture of {a} {noun} on a white background.",
+    "this is a photo of {a} {noun}.",
+    "a black and white picture of {a} {noun}.",
+    "a small grey photo of {a} {noun}.",
+)
+IDX_MAGIC_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+                   0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path, ndim: int | None = None) -> np.ndarray:
+    """An idx file (LeCun's MNIST format; gzip-compressed when it starts with gzip's magic) ->
+    numpy array. Header: two zero bytes, a type code, the number of dimensions, then each size
+    as a big-endian uint32; the data follows, row-major. Raises ImageError when the magic, the
+    dimensions (`ndim` if given) or the length do not fit."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off gzip, EOFError
+        raise ImageError(f"{path}: not a readable idx file ({_first_line(e)})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_MAGIC_TYPES or raw[3] == 0:
+        raise ImageError(f"{path}: not an idx file (magic number {raw[:4].hex() or 'missing'})")
+    dtype, dims = IDX_MAGIC_TYPES[raw[2]], raw[3]
+    if ndim is not None and dims != ndim:
+        raise ImageError(f"{path}: has {dims} dimension(s), expected {ndim}")
+    if len(raw) < 4 + 4 * dims:
+        raise ImageError(f"{path}: header cut off ({len(raw)} bytes)")
+    shape = tuple(int(v) for v in np.frombuffer(raw, ">u4", dims, 4))
+    expected = 4 + 4 * dims + math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise ImageError(f"{path}: {len(raw)} bytes, expected {expected} for shape {shape}")
+    return np.frombuffer(raw, dtype, offset=4 + 4 * dims).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_path(root: str, name: str) -> str:
+    for candidate in (name + ".gz", name):
+        path = os.path.join(root, candidate)
+        if os.path.isfile(path):
+            return path
+    raise ImageError(f"no {name}(.gz) in {root} (install the Debian package dataset-fashion-mnist, "
+                     f"or give the folder that holds the idx files)")
+
+
+def fashion_files(root: str, split: str) -> tuple:
+    """(images path, labels path) of an official split ('train' or 'test') under root."""
+    if split not in FASHION_FILES:
+        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+    return tuple(_idx_path(root, name) for name in FASHION_FILES[split])
+
+
+_FASHION_CACHE = {}  # (path, size, mtime) of both files -> (images, labels): scripts read a split once
+
+
+def read_fashion_mnist(root: str, split: str) -> tuple:
+    """-> (images (N, 28, 28) uint8, light garment on black as stored; labels (N,) int64 in 0..9)."""
+    paths = fashion_files(root, split)
+    key = tuple((os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths)
+    if key not in _FASHION_CACHE:
+        images, labels = read_idx(paths[0], 3), read_idx(paths[1], 1)
+        if images.dtype != np.uint8 or labels.dtype != np.uint8:
+            raise ImageError(f"{root}: Fashion-MNIST images and labels are uint8, got {images.dtype} and {labels.dtype}")
+        if images.shape[1:] != (FASHION_SIDE, FASHION_SIDE):
+            raise ImageError(f"{paths[0]}: images are {images.shape[1]}x{images.shape[2]}, "
+                             f"expected {FASHION_SIDE}x{FASHION_SIDE}")
+        if len(images) != len(labels) or len(images) == 0:
+            raise ImageError(f"{root}: {len(images)} {split} images but {len(labels)} labels")
+        if labels.max() >= len(FASHION_CLASSES):
+            raise ImageError(f"{paths[1]}: label {int(labels.max())} outside 0..{len(FASHION_CLASSES) - 1}")
+        if len(_FASHION_CACHE) >= 4:  # the two official splits of a root or two
+            _FASHION_CACHE.pop(next(iter(_FASHION_CACHE)))
+        _FASHION_CACHE[key] = (images, labels.astype(np.int64))
+    return _FASHION_CACHE[key]
+
+
+def fashion_image(pixels: np.ndarray, size: int = FASHION_PADDED) -> Image.Image:
+    """A (28, 28) uint8 Fashion-MNIST image -> RGB PIL image of size x size: inverted (a dark
+    garment on white), padded with white to 32 px, then resized (Lanczos) if size is not 32."""
+    if pixels.shape != (FASHION_SIDE, FASHION_SIDE) or pixels.dtype != np.uint8:
+        raise ValueError(f"expected a ({FASHION_SIDE}, {FASHION_SIDE}) uint8 image, got {pixels.dtype} {pixels.shape}")
+    pad = (FASHION_PADDED - FASHION_SIDE) // 2
+    gray = np.pad(255 - pixels, pad, constant_values=255)
+    img = Image.fromarray(np.repeat(gray[..., None], 3, axis=2), "RGB")
+    return img if size == FASHION_PADDED else img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """Images of an official split (or of `indices` into it) as (3, S, S) tensors in [-1, 1]."""
+
+    def __init__(self, root: str, split: str, image_size: int, indices=None):
+        self.images, self.labels = read_fashion_mnist(root, split)
+        self.image_size = image_size
+        self.indices = list(range(len(self.images))) if indices is None else list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        return to_tensor(fashion_image(self.images[self.indices[i]], self.image_size))
+
+
+def fashion_caption(label: int, template: str) -> str:
+    noun = FASHION_NOUNS[label]
+    return _render(template, {"a": "an" if noun[0] in "aeiou" else "a", "noun": noun})
+
+
+def fashion_captions(label: int, index: int, split: str = "train", seed: int = 0) -> list:
+    """CAPTIONS_PER_IMAGE training paraphrases of image `index` of a split, drawn without
+    replacement from FASHION_TEMPLATES; they depend on (seed, split, index) only."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(f"fashion/{split}".encode()), index]))
+    chosen = rng.choice(len(FASHION_TEMPLATES), size=CAPTIONS_PER_IMAGE, replace=False)
+    return [fashion_caption(label, FASHION_TEMPLATES[t]) for t in chosen]
+
+
+_FASHION_WORDS = sorted(((w, c) for c in range(len(FASHION_CLASSES))
+                         for w in (FASHION_NOUNS[c], FASHION_CLASSES[c].lower(), *FASHION_ALIASES.get(c, ()))),
+                        key=lambda wc: -len(wc[0]))  # longest first: 't-shirt' before 'shirt'
+_FASHION_CLASS_OF = dict(_FASHION_WORDS)
+_FASHION_PATTERN = re.compile(r"(?<![\w-])(%s)(?:e?s)?(?![\w-])" % "|".join(re.escape(w) for w, _ in _FASHION_WORDS))
+
+
+def parse_fashion_caption(text: str) -> int | None:
+    """The Fashion-MNIST class (index into FASHION_CLASSES) a caption names, or None when it
+    names none or two different ones. Case, plurals and the spacing the BPE decoder leaves
+    ('t - shirt') are tolerated; 'shirt' inside 't-shirt' is not a shirt."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_fashion_caption expects a str, got {type(text).__name__}")
+    text = re.sub(r"\s+", " ", text.lower())
+    text = re.sub(r"\bt ?-? ?shirt", "t-shirt", text)
+    text = re.sub(r" ?/ ?", "/", text)
+    found = {_FASHION_CLASS_OF[m.group(1)] for m in _FASHION_PATTERN.finditer(text)}
+    return found.pop() if len(found) == 1 else None
+
 
 # ----------------------------------------------------------------------------------------
 # training plumbing shared by the train scripts: a resumable, rank-sharded order of

@@ -26,6 +26,11 @@ Sources (--source):
     cc      Conceptual Captions style TSV: caption<TAB>image path (relative to --image-root)
     jsonl   {"image": path, "caption": str or [str]} per line ("captions" is accepted too, so the
             folder `python data.py export` writes is a valid source)
+    fashion-mnist  the idx files in --fashion-root (where Debian's dataset-fashion-mnist puts
+            them by default): train (the official training images less a --val-fraction slice),
+            val (that slice) and test (the 10,000 official test images, for evaluation only:
+            train_gpt.py reads train and val). Captions: data.fashion_captions, training
+            paraphrases only; each .jsonl line also holds "label" (0..9) and "class".
 For cc and jsonl, --val-captions gives a validation file; without it --val-fraction of
 --captions is held out. Unreadable images are skipped, counted and listed, never fatal.
 
@@ -68,7 +73,8 @@ DEFAULTS = dict(
     captions="",           # coco: dataset_coco.json; cc: TSV; jsonl: JSONL (cc/jsonl: the training set)
     val_captions="",       # cc/jsonl: validation file; '' -> hold out --val-fraction of --captions
     image_root="",         # image paths are relative to this; '' -> the folder of --captions
-    val_fraction=0.01,     # cc/jsonl without --val-captions
+    val_fraction=0.01,     # cc/jsonl without --val-captions; fashion-mnist: of the training images
+    fashion_root=data.FASHION_ROOT,  # fashion-mnist: the folder of the idx files
     # the built-in shapes
     num_objects=1,
     train_size=20000,
@@ -87,19 +93,23 @@ DEFAULTS = dict(
 
 HELP = dict(
     vae="AugVAE-SL checkpoint to encode with (train_vae.py --sl writes out/vae_sl/best.pt)",
-    source="'shapes' (built in), 'coco' (Karpathy dataset_coco.json), 'cc' (caption<TAB>path TSV) or 'jsonl'",
+    source="'shapes' (built in), 'coco' (Karpathy dataset_coco.json), 'cc' (caption<TAB>path TSV), 'jsonl' or "
+           "'fashion-mnist' (the idx files in --fashion-root, captioned from templates)",
     out="output folder for {split}.npy, {split}.jsonl, meta.json",
     force="delete what --out holds from an earlier prepare and encode everything again",
     captions="the caption file: coco dataset_coco.json, cc TSV or jsonl (cc/jsonl: training images)",
     val_captions="cc/jsonl: a validation caption file; without it --val-fraction of --captions is held out",
     image_root="folder the image paths in the caption file are relative to (default: the caption file's folder)",
-    val_fraction="cc/jsonl without --val-captions: fraction of images held out for validation",
+    val_fraction="cc/jsonl without --val-captions, and fashion-mnist: fraction of the training images held out "
+                 "for validation",
+    fashion_root="--source fashion-mnist: the folder with train-images-idx3-ubyte.gz and the other idx files",
     num_objects="shapes: objects per image (1 or 2)",
     train_size="shapes: training images",
     val_size="shapes: validation images",
     test_size="shapes: test images",
     heldout_size="shapes: images of the compositional held-out split",
-    seed="shapes dataset seed; also seeds the random crops and the cc/jsonl validation hold-out",
+    seed="shapes dataset seed; also seeds the random crops, the caption draws of fashion-mnist and the "
+         "cc/jsonl/fashion-mnist validation hold-out",
     crops="K extra random crops (75-100%% of the area) per training image, stored in train_crops.npy",
     batch_size="images per AugVAE forward pass",
     chunk_size="images per shard chunk (the unit a rank encodes and a rerun skips when done)",
@@ -107,7 +117,7 @@ HELP = dict(
     device="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'",
 )
 
-SOURCES = ("shapes", "coco", "cc", "jsonl")
+SOURCES = ("shapes", "coco", "cc", "jsonl", "fashion-mnist")
 SHAPES_SPLITS = {"train": "train_size", "val": "val_size", "test": "test_size", "heldout": "heldout_size"}
 COCO_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 MAX_TOKEN_ID = np.iinfo(np.uint16).max  # uint16 arrays hold codebooks up to 65,536 codes
@@ -122,7 +132,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 
 
 # -----------------------------------------------------------------------------------------
-# sources: split -> list of items (name, path or shapes index, captions or None)
+# sources: split -> list of items (name, path or shapes index or pixels, captions or None[, extra
+# JSON fields for the split's .jsonl line])
 
 def _clean_captions(captions) -> list:
     if isinstance(captions, str):
@@ -182,6 +193,21 @@ def _read_coco(path: str, root: str) -> dict:
     return splits
 
 
+def _fashion_items(cfg: dict) -> dict:
+    """Fashion-MNIST: train less a validation slice, the slice, and the official test images."""
+    root, seed = cfg["fashion_root"], cfg["seed"]
+
+    def items(official: str, indices) -> list:
+        images, labels = data.read_fashion_mnist(root, official)
+        return [(f"{official}/{i}", images[i], data.fashion_captions(int(labels[i]), i, official, seed),
+                 {"label": int(labels[i]), "class": data.FASHION_CLASSES[labels[i]]}) for i in indices]
+
+    train_idx, val_idx = data.split_indices(len(data.read_fashion_mnist(root, "train")[0]), cfg["val_fraction"], seed)
+    out = {"train": items("train", train_idx), "val": items("train", val_idx),
+           "test": items("test", range(len(data.read_fashion_mnist(root, "test")[0])))}
+    return {k: v for k, v in out.items() if v}
+
+
 def list_items(cfg: dict) -> dict:
     """{split: [(name, path or shapes index, captions or None)]} in the order rows are written."""
     source = cfg["source"]
@@ -197,6 +223,8 @@ def list_items(cfg: dict) -> dict:
         return out
     if source not in SOURCES:
         raise ValueError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "fashion-mnist":
+        return _fashion_items(cfg)
     path = cfg["captions"]
     if not path:
         raise ValueError(f"--source {source} needs --captions FILE")
@@ -232,7 +260,11 @@ class Views(torch.utils.data.Dataset):
 
     def _load(self, item) -> tuple:
         """-> (centre image, image to crop from, captions)."""
-        name, where, captions = item
+        name, where, captions = item[:3]
+        if self.cfg["source"] == "fashion-mnist":  # where: the (28, 28) pixels
+            img = data.fashion_image(where, self.size)
+            big = data.fashion_image(where, min(512, CROP_SUPERSAMPLE * self.size)) if self.crops else img
+            return img, big, captions
         if self.cfg["source"] == "shapes":
             ex = data.shapes_example(where, self.split, self.size, self.cfg["num_objects"], self.cfg["seed"])
             img = Image.fromarray(ex.image, "RGB")
@@ -330,8 +362,10 @@ def encode_chunk(vae, cfg, split, items, first, image_size, device) -> dict:
     tokens = torch.cat(tokens).numpy().astype(np.uint16)
     L = tokens.shape[1]
     crops = torch.cat(crops).numpy().astype(np.uint16) if K else np.zeros((len(items), 0, L), np.uint16)
+    extras = [json.dumps(it[3]) if len(it) > 3 else "{}" for it in items]  # e.g. fashion-mnist's label
     return dict(tokens=tokens, crops=crops, keep=torch.cat(keep).numpy(), errors=np.array(errors, dtype=str),
-                captions=np.array(captions, dtype=str), names=np.array([it[0] for it in items], dtype=str))
+                captions=np.array(captions, dtype=str), names=np.array([it[0] for it in items], dtype=str),
+                extras=np.array(extras, dtype=str))
 
 
 def merge(out: str, split: str, n_chunks: int, log) -> dict:
@@ -355,9 +389,11 @@ def merge(out: str, split: str, n_chunks: int, log) -> dict:
         k = int(keep.sum())
         for key, (arr, _, _) in arrays.items():
             arr[row:row + k] = p[key][keep]
-        for name, ok, err, caps in zip(p["names"], keep, p["errors"], p["captions"]):
+        extras = p["extras"] if "extras" in p else ["{}"] * len(keep)  # chunks of an older prepare have none
+        for name, ok, err, caps, extra in zip(p["names"], keep, p["errors"], p["captions"], extras):
             if ok:
-                lines.append(json.dumps({"image": str(name), "captions": json.loads(str(caps))}))
+                lines.append(json.dumps({"image": str(name), "captions": json.loads(str(caps)),
+                                         **json.loads(str(extra))}))
             else:
                 skipped.append([str(name), str(err)])
         row += k
@@ -419,7 +455,12 @@ def main(argv: list | None = None) -> dict | None:
                                          *SHAPES_SPLITS.values(), "seed", "crops", "chunk_size")},
         "splits": {s: len(v) for s, v in items.items()},
     }
-    if cfg["source"] != "shapes":
+    if cfg["source"] == "fashion-mnist":  # the caption-file settings mean nothing here
+        plan["settings"] = {k: plan["settings"][k] for k in ("val_fraction", "seed", "crops", "chunk_size")}
+        plan["settings"]["fashion_root"] = os.path.abspath(cfg["fashion_root"])
+        plan["idx_sha256"] = {os.path.basename(p): data.sha256_file(p)
+                              for split in ("train", "test") for p in data.fashion_files(cfg["fashion_root"], split)}
+    elif cfg["source"] != "shapes":
         for key in ("captions", "val_captions", "image_root"):
             plan["settings"][key] = os.path.abspath(cfg[key]) if cfg[key] else ""
         plan["captions_sha256"] = {k: data.sha256_file(cfg[k]) for k in ("captions", "val_captions") if cfg[k]}

@@ -44,11 +44,12 @@ DEFAULTS = dict(
     quantizer="robust",    # 'robust' (data init + dead-code restarts) or 'faithful' (the release)
     sl_quantize_finest=False,  # SL: also quantize the unused 64x64 level like the release
     # data
-    data="shapes",         # 'shapes' (built in) or an image folder (with train/ and val/, or split)
+    data="shapes",         # 'shapes' (built in), 'fashion-mnist', or an image folder (with train/ and val/, or split)
+    fashion_root=data.FASHION_ROOT,  # fashion-mnist: the folder of the idx files
     num_objects=1,         # shapes: objects per image
     train_size=20000,      # shapes: training images (generated on the fly)
     val_size=256,          # shapes: validation images; folders: at most this many are evaluated
-    val_fraction=0.01,     # folders without val/: share held out for validation
+    val_fraction=0.01,     # folders without val/, fashion-mnist: share of train held out for validation
     workers=0,             # DataLoader worker processes
     # optimisation (appendix A)
     batch_size=32,         # images per process per micro-step
@@ -83,11 +84,14 @@ HELP = dict(
     image_size="image resolution in pixels; 0 takes the preset's",
     quantizer="'robust': data-driven codebook init and dead-code restarts; 'faithful': the release's behaviour",
     sl_quantize_finest="SL only: still quantize the 64x64 level (adds its commitment loss and codebook updates), as the released code does",
-    data="'shapes' for the built-in captioned shapes, or a folder of images (ImageNet-style or flat)",
+    data="'shapes' for the built-in captioned shapes, 'fashion-mnist' (its official train images; validation on a "
+         "slice of them, as prepare.py holds out), or a folder of images (ImageNet-style or flat)",
+    fashion_root="--data fashion-mnist: the folder with the idx files (train-images-idx3-ubyte.gz, ...)",
     num_objects="shapes: objects per image (1 or 2)",
     train_size="shapes: number of training images",
     val_size="validation images (shapes: generated; folders: at most this many evaluated)",
-    val_fraction="image folders without a val/ subfolder: fraction held out for validation",
+    val_fraction="image folders without a val/ subfolder, and fashion-mnist: fraction of the training images held out "
+                 "for validation (the same slice prepare.py holds out with the same --seed)",
     workers="DataLoader worker processes (0 loads in the main process)",
     batch_size="images per process per micro-step",
     grad_accum="micro-steps accumulated per optimizer step",
@@ -138,6 +142,12 @@ def make_datasets(cfg: dict, image_size: int) -> tuple:
     if cfg["data"] == "shapes":
         train = data.ShapesDataset("train", cfg["train_size"], image_size, cfg["num_objects"], cfg["seed"])
         val = data.ShapesDataset("val", cfg["val_size"], image_size, cfg["num_objects"], cfg["seed"])
+        return train, val
+    if cfg["data"] == "fashion-mnist":  # the official test images are never read here
+        n = len(data.read_fashion_mnist(cfg["fashion_root"], "train")[0])
+        train_idx, val_idx = data.split_indices(n, cfg["val_fraction"], cfg["seed"])
+        train = data.FashionMNIST(cfg["fashion_root"], "train", image_size, train_idx)
+        val = data.FashionMNIST(cfg["fashion_root"], "train", image_size, val_idx[:cfg["val_size"]])
         return train, val
     root = cfg["data"]
     if not os.path.isdir(root):

@@ -467,7 +467,7 @@ def test_recon_equals_direct_computation(vaes, tmp_path, kind):
     ssim = evaluate.ssim((recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
     assert res["ssim"] == pytest.approx(ssim.mean().item(), rel=1e-5)
     assert res["codes_used"] == len(torch.unique(torch.cat([t.flatten() for t in tokens])))
-    assert len(res["levels"]) == (1 if kind == "sl" else 4)
+    assert len(res["levels"]) == len(model.cfg.token_levels)  # 1 for SL, every level for ML
     assert res["rfid"] is None and "rfid" in res["absent"]
 
 
