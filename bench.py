@@ -1,0 +1,1366 @@
+"""
+Measured speed and memory of this repo's hot paths, each beside its baseline, as one table.
+
+    python bench.py                         # the full run, every row (under 10 minutes on a 2-core CPU)
+    python bench.py --quick                 # smaller settings: a few minutes
+    python bench.py --json out/bench.json   # also write the figures machine-readably
+    python bench.py --rows 1,3              # some rows only
+    python bench.py --compile               # row 1 also with torch.compile (compiling takes minutes on CPU)
+    python bench.py --e2e                   # row 6: run `python demo.py` and time it
+    python bench.py --gpu-check             # on a CUDA machine: AMP steps of both stages, NCCL DDP, these rows
+
+Rows (each prints the figure, its baseline, the ratio, the machine and the settings):
+  1  BiART training: tokens/s and MFU (model FLOPs/s over the peak matmul FLOP/s measured at the
+     start of the same run) for the medium preset at the paper's sequence length (64 text + 1,024
+     image tokens and the 2 start tokens: 1,089 tokens fed), against a minGPT-style
+     baseline of the same size kept in this file (manual attention, full-vocabulary head and loss,
+     default AdamW, eager); bf16 autocast against fp32; with --compile, torch.compile against eager.
+  2  text->image sampling: image tokens/s with the KV cache (BiART.generate) against a full recompute
+     per token (the loop of BiART.generate_nocache, minGPT's sampler), batch 1 and 16; peak memory.
+  3  the EMA quantizer's training step on a (8, 256, 64, 64) input with 8192 x 256 codes against the
+     one-hot formulation kept in this file: time, peak memory, identical indices and statistics.
+  4  AugVAE-SL (paper preset, 256 px) encode and decode images/s, fp32 and bf16 autocast; peak memory.
+  5  tokenizer captions/s against OpenAI CLIP's simple_tokenizer.py (when it is installed).
+  6  the README demo end to end: `seconds` from out/demo/results.json (written by `python demo.py`),
+     or, with --e2e, a timed run of it.
+
+Method. Every measurement runs in a fresh Python process (`--worker`), so memory freed by earlier
+work cannot hide a peak and one row cannot warm another. A figure is the median of at least 3
+timed runs after a warm-up (a sampling run is a whole generation, long enough to time the first,
+cold, one too). Peak memory is what the measured call adds above what was resident
+when it started: on CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats; on CPU
+the resident-set high-water mark VmHWM (reset by writing 5 to /proc/self/clear_refs just before
+the call) minus VmRSS just before it, on the first (cold) call. The machine is shared, so during
+every timed run the CPU time used by OTHER processes is read from /proc/stat (machine busy time
+minus this process's) and printed as cores' worth: 0.0 means the run had the machine to itself.
+With other jobs on the cores, `--threads 1` measures more steadily than threads that wait for a
+busy core at every parallel region (on 2 cores with one taken, 2 threads ran a sampling step 3x
+slower than 1 thread).
+
+Targets are for this benchmark; tests only check that every path runs and that fast and reference
+paths agree (tests/test_bench.py).
+"""
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+import augvae
+import biart
+import tokenizer
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+RESULT_PREFIX = "BENCH_RESULT "  # a worker's last stdout line: this prefix, then its result as JSON
+DEMO_RESULTS = os.path.join("out", "demo", "results.json")  # written by `python demo.py`
+MIB = 2 ** 20
+
+# -----------------------------------------------------------------------------------------
+# settings per mode; CUDA replaces some (CUDA_SETTINGS), --tiny shrinks every row for the tests
+
+SETTINGS = {
+    "full": dict(
+        repeats=3,                   # timed runs per figure (the median is printed)
+        peak_sizes=[2048, 4096],     # square matrices for the peak matmul FLOP/s
+        train_preset="medium",       # row 1: 12 layers, d 512, 8 heads, vocab 57,603, T = 1,088
+        train_overrides=dict(dropout=0.0),  # throughput convention (nanoGPT's); the preset's 0.1 is row 1d
+        train_batch=1,               # sequences per optimizer step (1,089 tokens)
+        train_dropout_row=True,      # row 1d: ours at the preset's dropout 0.1 (SDPA's math path on CPU)
+        sample_preset="medium",      # row 2
+        sample_overrides=dict(),
+        sample_batches=[1, 16],
+        sample_length=1024,          # image tokens sampled: the whole 32 x 32 image
+        sample_points=3,             # positions at which a sampling step is timed (then summed, see sample_part)
+        check_tokens=8,              # cached vs recompute identical for this many tokens (same seed)
+        quant_shape=[8, 256, 64, 64],  # row 3: (B, D, H, W) encoder output
+        quant_codes=8192,
+        quant_chunk=4096,            # AugVAEConfig.distance_chunk (its default)
+        vae_preset="paper",          # row 4, single-level, 256 px
+        vae_overrides=dict(),
+        vae_batch=1,
+        tok_count=10000,             # row 5: captions per timed run
+    ),
+}
+SETTINGS["quick"] = {**SETTINGS["full"], **dict(
+    train_dropout_row=False, sample_length=256, tok_count=5000)}
+SETTINGS["tiny"] = {**SETTINGS["full"], **dict(  # every path at toy sizes, for tests: the figures mean nothing
+    peak_sizes=[64], train_batch=2, train_dropout_row=True,
+    train_overrides=dict(n_layer=1, n_head=2, n_embd=32, text_len=8, image_len=16, image_vocab=64,
+                         text_vocab=100, dropout=0.0),
+    sample_overrides=dict(n_layer=1, n_head=2, n_embd=32, text_len=8, image_len=16, image_vocab=64,
+                          text_vocab=100),
+    sample_batches=[1, 3], sample_length=16, check_tokens=4,
+    quant_shape=[2, 16, 8, 8], quant_codes=64, quant_chunk=32,
+    vae_preset="small", vae_overrides=dict(image_size=32), vae_batch=2, tok_count=50)}
+CUDA_SETTINGS = dict(peak_sizes=[8192], train_batch=8, vae_batch=16)  # a GPU needs bigger work to be busy
+
+
+# -----------------------------------------------------------------------------------------
+# the machine, its load, memory
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict:
+    m = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+         "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        m["gpu"] = torch.cuda.get_device_name(device)
+    return m
+
+
+def machine_short(m: dict) -> str:
+    where = m["gpu"] if "gpu" in m else f"{m['cpu']} ({m['cores']} cores), {m['threads']} thread(s)"
+    return f"{where}, torch {m['torch']}"
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds all processes on the machine have used since boot (/proc/stat), None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (v + [0] * 7)[:7]  # guest time is inside user
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()  # this process (all its threads) and its waited-for children
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class LoadMeter:
+    """Cores' worth of CPU that OTHER processes used while the block ran: (machine busy time -
+    this process's CPU time) / wall time. `others` is None where /proc/stat is missing."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(), _own_cpu_s()
+        return self
+
+    def __exit__(self, *exc):
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        busy = _machine_busy_s()
+        self.others = None if busy is None or self.busy0 is None else \
+            max(0.0, (busy - self.busy0) - (_own_cpu_s() - self.own0)) / wall
+        return False
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc), so VmRSS counts live memory only and a
+    measured call cannot reuse freed-but-resident pages unseen."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryProbe:
+    """Peak bytes a block adds above what was in use when it started (see the module docstring).
+    `peak` is None where it cannot be measured; `method` says how it was."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            _trim_heap()
+            reset = _reset_hwm()
+            self.base = _status_kib("VmRSS")
+            self.method = ("VmHWM reset by /proc/self/clear_refs, minus VmRSS before" if reset else
+                           "VmHWM minus VmRSS before (no reset: may include the setup's own peak)")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            hwm = _status_kib("VmHWM")
+            self.peak = None if hwm is None or self.base is None else max(0, hwm - self.base) * 1024
+            if self.peak is None:
+                self.method = "not measured (no /proc/self/status)"
+        return False
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device: torch.device, repeats: int, warm=None, time_first: bool | str = False,
+            memory: bool = True) -> dict:
+    """Time fn: `warm()` first if given (unmeasured), then a first call under the memory probe,
+    then more calls until `repeats` are timed, each under a LoadMeter. The first call counts as
+    a timed one if time_first is True, or if it is 'auto' and the call took over a second (a cold
+    start costs milliseconds: noise for such runs, which are too long to repeat needlessly)."""
+    if warm is not None:
+        warm()
+        sync(device)
+    probe = MemoryProbe(device) if memory else contextlib.nullcontext()
+    times, loads = [], []
+    with probe, LoadMeter() as lm:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        first = time.perf_counter() - t0
+    if time_first is True or (time_first == "auto" and first > 1.0):
+        times.append(first)
+        loads.append(lm.others)
+    while len(times) < repeats:
+        with LoadMeter() as lm:
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        loads.append(lm.others)
+    out = {"times": times, "median": statistics.median(times), "load": loads, "first_s": first}
+    if memory:
+        out["peak_bytes"], out["memory_method"] = probe.peak, probe.method
+    return out
+
+
+def mean_load(*results) -> float | None:
+    vals = [x for r in results if r for x in r.get("load", []) if x is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+# -----------------------------------------------------------------------------------------
+# row 1 baseline: a straightforward minGPT-style BiART (parameter names match BiART's, so the
+# same weights load into both and the losses can be compared, tests/test_bench.py)
+
+class NewGELU(nn.Module):
+    """minGPT's GELU, written out (tanh approximation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class BaselineAttention(nn.Module):
+    """minGPT's CausalSelfAttention: the (T, T) attention matrix, masked, softmaxed, dropped out."""
+
+    def __init__(self, config: biart.BiARTConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        bs = config.block_size
+        self.register_buffer("bias", torch.tril(torch.ones(bs, bs)).view(1, 1, bs, bs), persistent=False)
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = self.attn_dropout(F.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class BaselineBlock(nn.Module):
+    def __init__(self, config: biart.BiARTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = BaselineAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = nn.ModuleDict(dict(
+            c_fc=nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias),
+            c_proj=nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias),
+            act=NewGELU(), dropout=nn.Dropout(config.dropout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        m = self.mlp
+        return x + m.dropout(m.c_proj(m.act(m.c_fc(self.ln_2(x)))))
+
+
+class BaselineGPT(nn.Module):
+    """minGPT with BiART's segment embedding: logits over the whole 57,603-id vocabulary at every
+    position and one cross-entropy over them (BiART.forward(..., full_vocab=True) is the same loss)."""
+
+    def __init__(self, config: biart.BiARTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wse=nn.Embedding(2, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([BaselineBlock(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias)))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = idx.size()
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        tr = self.transformer
+        x = tr.drop(tr.wte(idx) + tr.wpe(pos) + tr.wse(seg))
+        for block in tr.h:
+            x = block(x)
+        logits = self.lm_head(tr.ln_f(x))  # (B, T, vocab_size)
+        loss = None if targets is None else F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=biart.IGNORE_INDEX)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple) -> torch.optim.AdamW:
+        """minGPT's: decay on Linear weights, torch's default AdamW implementation."""
+        decay = [p for n, p in self.named_parameters() if n.endswith("weight") and p.dim() == 2
+                 and not n.startswith(("transformer.wte", "transformer.wpe", "transformer.wse"))]
+        ids = {id(p) for p in decay}
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": [p for p in self.parameters() if id(p) not in ids], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+
+def train_flops_per_sequence(cfg: biart.BiARTConfig, kind: str) -> float:
+    """Matmul FLOPs of one training sequence (forward + backward = 3 x forward) of T = block_size - 1
+    tokens. ours: causal attention computes only the lower triangle (sum over positions of t + 1
+    keys), and the head scores image positions over image_vocab ids and text positions over
+    text_vocab ids. baseline: the full (T, T) attention matrix and the full vocabulary everywhere."""
+    d, L, T = cfg.n_embd, cfg.n_layer, cfg.block_size - 1
+    linear = 2 * T * 12 * d * d * L  # c_attn 3d^2, c_proj d^2, c_fc 4d^2, mlp c_proj 4d^2 per layer
+    if kind == "ours":
+        attention = 2 * 2 * d * (T * (T + 1) // 2) * L  # q.k and att.v over the causal triangle
+        head = 2 * d * (cfg.image_len * cfg.image_vocab + cfg.text_len * cfg.text_vocab)
+    else:
+        attention = 2 * 2 * d * T * T * L
+        head = 2 * d * T * cfg.vocab_size
+    return 3.0 * (linear + attention + head)
+
+
+def fake_batch(cfg: biart.BiARTConfig, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions of 5-20 random text ids + end-of-text + [PAD]s, and random image ids."""
+    assert cfg.eot_id == cfg.pad_id - 1, "fake captions draw ids below the end-of-text id"
+    g = torch.Generator().manual_seed(seed)
+    text = torch.full((batch, cfg.text_len), cfg.pad_id, dtype=torch.long)
+    for i in range(batch):
+        n = int(torch.randint(min(5, cfg.text_len - 1), min(20, cfg.text_len - 1) + 1, (1,), generator=g))
+        text[i, :n] = torch.randint(cfg.text_offset, cfg.eot_id, (n,), generator=g)
+        text[i, n] = cfg.eot_id
+    image = torch.randint(0, cfg.image_vocab, (batch, cfg.image_len), generator=g)
+    return text, image
+
+
+def make_trainer(kind: str, cfg: biart.BiARTConfig, batch: int, dtype: str, device: torch.device,
+                 compile_model: bool = False, seed: int = 0):
+    """-> (step function, model). A step is train_gpt.py's: forward, backward, clip at 1, AdamW step,
+    zero_grad; steps alternate text->image and image->text like train_gpt.py."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    torch.manual_seed(seed)
+    if kind == "ours":
+        model = biart.BiART(cfg).to(device)
+        opt = model.configure_optimizers(0.01, 1e-4, (0.9, 0.95), 1e-8, device.type)
+    elif kind == "baseline":
+        model = BaselineGPT(cfg).to(device)
+        opt = model.configure_optimizers(0.01, 1e-4, (0.9, 0.95))
+    else:
+        raise ValueError(f"unknown trainer {kind!r}")
+    model.train()
+    fwd = torch.compile(model) if compile_model else model
+    ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+           else contextlib.nullcontext())
+    text, image = fake_batch(cfg, batch, seed)
+    batches = [tuple(t.to(device) for t in biart.build_sequence(text, image, d, cfg)) for d in biart.DIRECTIONS]
+    state = {"step": 0, "losses": []}
+
+    def step():
+        idx, seg, targets = batches[state["step"] % 2]
+        with ctx:
+            loss = fwd(idx, seg, targets)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["losses"].append(float(loss.detach()))
+    step.state = state
+    return step, model
+
+
+# -----------------------------------------------------------------------------------------
+# row 2: sampling
+
+def recompute_step(model: biart.BiART, idx: torch.Tensor, seg: torch.Tensor,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """One iteration of BiART.generate_nocache for text->image: the whole sequence through the
+    model, one image token drawn from the last position. (B, T) -> (B,) model ids."""
+    h = model._trunk(idx, seg)[:, -1]  # (B, C)
+    return model._sample(h, "image", 1.0, None, None, generator)
+
+
+def cached_step(model: biart.BiART, tok: torch.Tensor, caches: list, pos: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One iteration of BiART.generate's loop for text->image: the last token (B,) in at position
+    `pos` against the KV cache, the next image token (B,) out."""
+    seg = torch.full_like(tok[:, None], biart.GEN)
+    h = model._trunk(tok[:, None], seg, caches, pos=pos)[:, -1]  # (B, C)
+    return model._sample(h, "image", 1.0, None, None, generator)
+
+
+def prefill(model: biart.BiART, idx: torch.Tensor, seg: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """generate's first step: fresh KV caches filled with idx (B, T) -> (caches, (B, C) last hidden state)."""
+    caches = [biart.KVCache(model.config.block_size) for _ in range(model.config.n_layer)]
+    return caches, model._trunk(idx, seg, caches, pos=0)[:, -1]
+
+
+def sample_by_cache(model: biart.BiART, text: torch.Tensor, length: int,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """text->image by prefill + cached_step (tests: equals generate for a seed)."""
+    idx, seg = biart._prefix(text, "t2i", model.config)
+    caches, h = prefill(model, idx, seg)
+    out = [model._sample(h, "image", 1.0, None, None, generator)]
+    for t in range(1, length):
+        out.append(cached_step(model, out[-1], caches, idx.size(1) + t - 1, generator))
+    return torch.stack(out, 1)
+
+
+def sample_by_recompute(model: biart.BiART, text: torch.Tensor, length: int,
+                        generator: torch.Generator | None) -> torch.Tensor:
+    """text->image by recompute_step, token after token (tests: equals generate for a seed)."""
+    idx, seg = biart._prefix(text, "t2i", model.config)
+    out = []
+    for _ in range(length):
+        tok = recompute_step(model, idx, seg, generator)
+        out.append(tok)
+        idx = torch.cat([idx, tok[:, None]], dim=1)
+        seg = torch.cat([seg, torch.full_like(tok[:, None], biart.GEN)], dim=1)
+    return torch.stack(out, 1)
+
+
+def sum_of_quadratic(ts: list, secs: list, length: int) -> float:
+    """Fit seconds(t) = a + b t + c t^2 through the measured steps (exact for 3 points) and sum
+    it over t = 0 .. length - 1. A recompute step at position t runs t + prefix tokens through
+    the model: linear layers cost O(t), attention O(t^2)."""
+    deg = min(2, len(ts) - 1)
+    coef = np.polyfit(np.asarray(ts, dtype=np.float64), np.asarray(secs, dtype=np.float64), deg)
+    return float(np.polyval(coef, np.arange(length, dtype=np.float64)).sum())
+
+
+# -----------------------------------------------------------------------------------------
+# row 3 reference: the one-hot quantizer step
+
+@torch.no_grad()
+def onehot_quantizer_step(vq: augvae.EMAQuantizer, z: torch.Tensor) -> tuple:
+    """EMAQuantizer's training-mode forward written the straightforward way (rosinality's
+    vqvae.py): the whole N x K distance matrix at once and an N x K one-hot whose column sums are
+    the counts and whose product with the inputs is the per-code sums. The distance arithmetic and
+    the EMA update are EMAQuantizer's, so indices and statistics must come out identical.
+    -> (z_q, loss, indices (B, H, W), counts (K,))."""
+    z = z.float()
+    B, D, H, W = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (N, D)
+    e = vq.embed
+    dist = torch.addmm((e * e).sum(1), flat, e.t(), alpha=-2.0)  # (N, K)
+    idx = dist.min(1).indices  # (N,)
+    onehot = F.one_hot(idx, vq.K).type(flat.dtype)  # (N, K)
+    counts = onehot.sum(0)  # (K,)
+    sums = onehot.t() @ flat  # (K, D)
+    d = vq.decay
+    vq.cluster_size.mul_(d).add_(counts, alpha=1 - d)
+    vq.embed_sum.mul_(d).add_(sums, alpha=1 - d)
+    n = vq.cluster_size.sum()
+    smoothed = (vq.cluster_size + vq.eps) / (n + vq.K * vq.eps) * n
+    vq.embed.copy_(vq.embed_sum / smoothed[:, None])
+    vq.unused.add_(1).masked_fill_(counts > 0, 0)
+    vq.updates.add_(1)
+    q = F.embedding(idx, vq.embed).view(B, H, W, D).permute(0, 3, 1, 2)
+    loss = vq.beta * F.mse_loss(z, q)
+    return z + (q - z), loss, idx.view(B, H, W), counts
+
+
+def make_quantizer(shape: list, codes: int, chunk: int, device: torch.device, seed: int = 0) -> tuple:
+    """-> (EMAQuantizer in training mode with a set codebook, input z). z lies on a 1/16 grid in
+    [-2, 2], so every per-code sum is exact in fp32 whatever the order of summation: the one-hot
+    matmul and index_add_ then give bit-identical statistics (with arbitrary inputs they differ in
+    the last bits, by summation order only)."""
+    B, D, H, W = shape
+    cfg = augvae.AugVAEConfig(codebook_size=codes, z_channels=D, distance_chunk=chunk)
+    g = torch.Generator().manual_seed(seed)
+    vq = augvae.EMAQuantizer(cfg)
+    with torch.no_grad():
+        vq.embed.copy_(torch.randn(codes, D, generator=g))
+        vq.embed_sum.copy_(vq.embed)
+        vq.cluster_size.fill_(1.0)
+        vq.initted.fill_(True)
+    z = torch.randint(-32, 33, (B, D, H, W), generator=g).float() / 16
+    return vq.to(device).train(), z.to(device)
+
+
+def quantizer_state(vq: augvae.EMAQuantizer) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in vq.state_dict().items()}
+
+
+# -----------------------------------------------------------------------------------------
+# row 5 baseline: OpenAI CLIP's tokenizer, loaded by file path (the clip package's __init__
+# imports torchvision): CLIP_REF_TOKENIZER=/path/to/simple_tokenizer.py, or an installed `clip`
+
+def clip_tokenizer_path() -> str | None:
+    path = os.environ.get("CLIP_REF_TOKENIZER")
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CLIP_REF_TOKENIZER={path} is not a file")
+        return path
+    spec = importlib.util.find_spec("clip")  # located, not imported
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(folder, "simple_tokenizer.py")
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def clip_tokenizer(path: str):
+    spec = importlib.util.spec_from_file_location("clip_reference_simple_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer(tokenizer.default_bpe_path())
+
+
+# -----------------------------------------------------------------------------------------
+# the measurements: each `*_part` runs in its own process (see Runner) and returns plain JSON
+
+def peak_part(device: str, sizes: list, repeats: int) -> dict:
+    """Best FLOP/s of torch.mm, F.linear and torch.matmul on square fp32 and bf16 matrices: the
+    paths can reach different library kernels (2x apart on some CPUs), and the peak is the best
+    of them, from the fastest of `repeats` runs (a capability: the median would let the load of
+    other processes lower it and flatter the MFU). On CUDA fp32 means TF32 tensor cores, as the
+    training scripts allow them."""
+    dev = torch.device(device)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        dt = getattr(torch, dtype)
+        paths, loads = {}, []
+        for n in sizes:
+            g = torch.Generator().manual_seed(n)
+            a = torch.randn(n, n, generator=g).to(dev, dt)
+            b = torch.randn(n, n, generator=g).to(dev, dt)
+            for name, fn in (("torch.mm", lambda: torch.mm(a, b)), ("F.linear", lambda: F.linear(a, b)),
+                             ("torch.matmul", lambda: torch.matmul(a, b))):
+                r = measure(fn, dev, repeats, warm=fn, time_first=True, memory=False)
+                gflops = 2 * n ** 3 / min(r["times"]) / 1e9  # a peak: the best run, not the median
+                loads += r["load"]
+                if gflops > paths.get(name, {}).get("gflops", 0):
+                    paths[name] = {"gflops": gflops, "size": n}
+        best = max(paths, key=lambda k: paths[k]["gflops"])
+        out[dtype] = {"paths": paths, "best_path": best, "best_gflops": paths[best]["gflops"], "load": loads}
+    return out
+
+
+def train_part(device: str, kind: str, preset: str, overrides: dict, batch: int, dtype: str,
+               repeats: int, compile_model: bool = False) -> dict:
+    dev = torch.device(device)
+    cfg = biart.BiARTConfig.preset(preset, **overrides)
+    step, model = make_trainer(kind, cfg, batch, dtype, dev, compile_model)
+    warm_t0 = time.perf_counter()
+    step()  # creates the optimizer state (and compiles)
+    if compile_model:
+        step()  # the other direction (a recompile, if any)
+    sync(dev)
+    warm_s = time.perf_counter() - warm_t0
+    r = measure(step, dev, repeats, memory=False, time_first=True)
+    tokens = batch * (cfg.block_size - 1)
+    flops = batch * train_flops_per_sequence(cfg, kind)
+    return {**r, "tokens_per_s": tokens / r["median"], "flops_per_token": flops / tokens,
+            "model_gflops_per_s": flops / r["median"] / 1e9, "warm_s": warm_s,
+            "params": sum(p.numel() for p in model.parameters()), "first_loss": step.state["losses"][0]}
+
+
+def sample_part(device: str, mode: str, preset: str, overrides: dict, batch: int, length: int,
+                repeats: int, points: int = 3, check_tokens: int = 0, end_to_end: bool = False) -> dict:
+    """Seconds to sample `length` image tokens for a batch of captions, as the sum of its steps.
+    A step is timed (median of `repeats`) at `points` positions from the first to the last and
+    the seconds of all steps are the sum of the quadratic through them (sum_of_quadratic): a
+    cached step costs O(t) at position t (attention over the cache), a recompute step O(t) + O(t^2).
+    Running all 1,024 recompute steps at batch 16 would take an hour on a CPU; both modes are
+    measured the same way.
+    mode 'cache': the loop body of BiART.generate (cached_step) after the real prefill, plus that
+    prefill; peak memory of the (cold) prefill and first step, which allocate the whole cache,
+    with the cache positions the remaining steps write touched (an untouched page is not resident);
+    with end_to_end, also one whole BiART.generate call, timed, to check the sum of steps; and a
+    check that generate and generate_nocache give the same tokens.
+    mode 'recompute': the loop body of BiART.generate_nocache (recompute_step); peak memory of
+    its longest step."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    cfg = biart.BiARTConfig.preset(preset, **overrides)
+    model = biart.BiART(cfg).to(dev).eval()
+    text, _ = fake_batch(cfg, batch, seed=1)
+    text = text.to(dev)
+    g = torch.Generator(device=dev)
+    prefix, prefix_seg = biart._prefix(text, "t2i", cfg)
+    P = prefix.size(1)
+    image = torch.randint(0, cfg.image_vocab, (batch, length), generator=torch.Generator().manual_seed(2)).to(dev)
+    seq = torch.cat([prefix, image], 1)  # (B, P + length): what a sampler would have built
+    seq_seg = torch.cat([prefix_seg, torch.full_like(image, biart.GEN)], 1)
+    out, loads = {}, []
+    if mode == "cache":
+        with torch.no_grad(), MemoryProbe(dev) as probe:  # generate's first steps, cold: the cache appears
+            caches, h = prefill(model, prefix, prefix_seg)
+            tok = model._sample(h, "image", 1.0, None, None, g)
+            cached_step(model, tok, caches, P, g)
+            for c in caches:  # the positions the remaining steps write: their pages become resident then
+                c.k[:, :, P + 1:P + length - 1].zero_()
+                c.v[:, :, P + 1:P + length - 1].zero_()
+            del caches, h
+        out.update(peak_bytes=probe.peak, memory_method=probe.method)
+        if end_to_end:
+            with LoadMeter() as lm:
+                t0 = time.perf_counter()
+                model.generate(text, "t2i", length=length, generator=g.manual_seed(0))
+                sync(dev)
+                out["end_to_end_seconds"] = time.perf_counter() - t0
+            out["end_to_end_load"] = lm.others
+        with torch.no_grad():
+            def first():  # generate's prefill and first draw
+                model._sample(prefill(model, prefix, prefix_seg)[1], "image", 1.0, None, None, g)
+            r = measure(first, dev, repeats, memory=False)
+            out["prefill_seconds"], loads = r["median"], r["load"]
+            ts = sorted({1 + round(i * (length - 2) / max(points - 1, 1)) for i in range(points)}) if length > 1 else []
+            step_s = []
+            for t in ts:  # the step that draws image token t feeds token t - 1 at position P + t - 1
+                caches, _ = prefill(model, seq[:, :P + t - 1], seq_seg[:, :P + t - 1])
+                tok = seq[:, P + t - 1]
+                r = measure(lambda: cached_step(model, tok, caches, P + t - 1, g), dev, repeats, memory=False)
+                step_s.append(r["median"])
+                loads += r["load"]
+                del caches
+        steps = sum_of_quadratic([t - 1 for t in ts], step_s, length - 1) if ts else 0.0
+        seconds = out["prefill_seconds"] + steps
+        if check_tokens:
+            n = min(check_tokens, length)
+            a = model.generate(text, "t2i", length=n, generator=g.manual_seed(1))
+            b = model.generate_nocache(text, "t2i", length=n, generator=g.manual_seed(1))
+            out["identical"], out["checked_tokens"] = bool(torch.equal(a, b)), int(a.numel())
+    elif mode == "recompute":
+        ts = sorted({round(i * (length - 1) / max(points - 1, 1)) for i in range(points)})
+        step_s = []
+        with torch.no_grad():
+            for t in ts:  # the step that draws image token t runs the prefix and t image tokens
+                idx, seg = seq[:, :P + t], seq_seg[:, :P + t]
+                r = measure(lambda: recompute_step(model, idx, seg, g), dev, repeats, time_first="auto",
+                            memory=t == ts[-1])
+                step_s.append(r["median"])
+                loads += r["load"]
+                if t == ts[-1]:
+                    out.update(peak_bytes=r["peak_bytes"], memory_method=r["memory_method"])
+        seconds = sum_of_quadratic(ts, step_s, length)
+    else:
+        raise ValueError(f"unknown sampling mode {mode!r}")
+    return {**out, "points": ts, "step_seconds": step_s, "seconds": seconds,
+            "tokens_per_s": batch * length / seconds, "load": loads}
+
+
+def quantizer_part(device: str, kind: str, shape: list, codes: int, chunk: int, repeats: int,
+                   save: str = "") -> dict:
+    """Time the training-mode step; `save`: write the first call's indices, counts, outputs and
+    the quantizer state after it, for the identity check."""
+    dev = torch.device(device)
+    vq, z = make_quantizer(shape, codes, chunk, dev)
+    if kind == "ours":
+        fn = lambda: vq(z)  # noqa: E731
+    elif kind == "reference":
+        fn = lambda: onehot_quantizer_step(vq, z)  # noqa: E731
+    else:
+        raise ValueError(f"unknown quantizer {kind!r}")
+    with MemoryProbe(dev) as probe:  # the first (cold) call: its peak; not timed
+        res = fn()
+    if save:
+        counts = res[3]["counts"] if kind == "ours" else res[3]
+        torch.save({"z_q": res[0].detach().cpu(), "loss": res[1].detach().cpu(), "indices": res[2].cpu(),
+                    "counts": counts.cpu(), "state": quantizer_state(vq)}, save)
+    del res
+    r = measure(fn, dev, repeats, memory=False, time_first=True)
+    return {**r, "seconds": r["median"], "peak_bytes": probe.peak, "memory_method": probe.method}
+
+
+def vae_part(device: str, op: str, preset: str, overrides: dict, batch: int, dtype: str, repeats: int) -> dict:
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = augvae.AugVAE(augvae.preset(preset, single_level=True, **overrides)).to(dev).eval()
+    cfg = model.cfg
+    g = cfg.grid(cfg.token_level)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1).to(dev)
+    tokens = torch.randint(0, cfg.codebook_size, (batch, g, g), generator=gen).to(dev)
+    ctx = (torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext())
+    if op not in ("encode", "decode"):
+        raise ValueError(f"unknown AugVAE op {op!r}")
+
+    def run():
+        with ctx, torch.no_grad():
+            return model.encode(x) if op == "encode" else model.decode(tokens)
+    r = measure(run, dev, repeats, time_first="auto")  # the cold call counts only when it is long
+    return {**r, "images_per_s": batch / r["median"],
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def tokenizer_part(device: str, kind: str, count: int, repeats: int) -> dict:
+    """captions/s of a fresh tokenizer (cold word cache) encoding `count` COCO-style captions."""
+    captions = tokenizer.bench_captions(count)
+    if kind == "ours":
+        make = tokenizer.Tokenizer
+    elif kind == "clip":
+        path = clip_tokenizer_path()
+        if path is None:
+            return {"skipped": "OpenAI CLIP's simple_tokenizer.py not found (pip install --no-deps "
+                               "clip-anytorch==2.6.0, or set CLIP_REF_TOKENIZER)"}
+        make = lambda: clip_tokenizer(path)  # noqa: E731
+    else:
+        raise ValueError(f"unknown tokenizer {kind!r}")
+
+    def run():
+        tok = make()
+        for c in captions:
+            tok.encode(c)
+    r = measure(run, torch.device("cpu"), repeats, memory=False)  # the first run is not timed
+    return {**r, "captions_per_s": count / r["median"]}
+
+
+PARTS = {"peak": peak_part, "train": train_part, "sample": sample_part, "quantizer": quantizer_part,
+         "vae": vae_part, "tokenizer": tokenizer_part}
+
+
+def worker_main(name: str, spec: dict, threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    if spec.get("device", "cpu").startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # as data.start_processes does for training
+        torch.backends.cudnn.allow_tf32 = True
+    result = PARTS[name](**spec)
+    result["threads"] = torch.get_num_threads()
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+class Runner:
+    """Runs parts in fresh processes (or in this one with in_process=True, for tests)."""
+
+    def __init__(self, threads: int, in_process: bool, log=print):
+        self.threads, self.in_process, self.log = threads, in_process, log
+
+    def __call__(self, name: str, **spec) -> dict:
+        t0 = time.perf_counter()
+        if self.in_process:
+            result = PARTS[name](**spec)
+        else:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--spec", json.dumps(spec),
+                   "--threads", str(self.threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            lines = [x for x in r.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+            if r.returncode != 0 or not lines:
+                raise RuntimeError(f"bench part {name} {spec} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+            result = json.loads(lines[-1][len(RESULT_PREFIX):])
+        self.log(f"  {name} {json.dumps({k: v for k, v in spec.items() if k != 'device'})}: "
+                 f"{time.perf_counter() - t0:.1f} s")
+        return result
+
+
+# -----------------------------------------------------------------------------------------
+# the rows
+
+def fmt_bytes(b) -> str:
+    if b is None:
+        return "n/a"
+    return f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / MIB:.0f} MiB"
+
+
+def fmt_load(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def compare_quantizer(a: dict, b: dict) -> dict:
+    state = all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    return {"indices": bool(torch.equal(a["indices"], b["indices"])), "counts": bool(torch.equal(a["counts"], b["counts"])),
+            "state": state, "z_q": bool(torch.equal(a["z_q"], b["z_q"])),
+            "loss_abs_diff": float((a["loss"] - b["loss"]).abs())}
+
+
+def e2e_row(path: str, run: bool, timeout: float = 3600) -> dict:
+    """Row 6 from `path` (demo.py's results.json, key 'seconds'); with run=True, first run
+    `python demo.py` in a subprocess and time it."""
+    res = {}
+    if run:
+        demo = os.path.join(ROOT, "demo.py")
+        if not os.path.isfile(demo):
+            return {"status": "demo.py not found"}
+        with LoadMeter() as lm:
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, demo], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            res["measured_s"] = time.perf_counter() - t0
+        res["load"] = [lm.others]  # demo.py's own CPU counts as this process's children, not as others
+        if r.returncode != 0:
+            res["status"] = f"python demo.py failed (exit {r.returncode}): {r.stderr.strip()[-300:]}"
+            return res
+    if not os.path.isfile(path):
+        res.setdefault("status", f"the demo has not been run ({path} does not exist; `python demo.py` "
+                                 "writes it, or pass --e2e)")
+        return res
+    with open(path) as f:
+        doc = json.load(f)
+    if "seconds" not in doc:
+        res["status"] = f"{path} has no 'seconds'"
+        return res
+    res.update(seconds=float(doc["seconds"]), status=f"read from {path}" + (" after a timed run" if run else ""),
+               mtime=time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path))))
+    return res
+
+
+def run_bench(mode: str, rows: list, device: torch.device, threads: int, in_process: bool,
+              compile_model: bool, e2e: bool, log=print) -> dict:
+    """Measure the requested rows -> {'table': [row dicts], 'json': figures, 'notes': [...]}."""
+    S = dict(SETTINGS[mode])
+    if device.type == "cuda" and mode != "tiny":
+        S.update(CUDA_SETTINGS)
+    run = Runner(threads, in_process, log)
+    dev = str(device)
+    reps = S["repeats"]
+    m = machine(device)
+    if threads:
+        m["threads"] = threads
+    ms = machine_short(m)
+    table, J, notes = [], {"mfu": None, "sampling_cache_speedup": None, "quantizer_speedup": None,
+                           "quantizer_memory_ratio": None}, []
+
+    def add(row, what, ours, baseline, ratio, memory, load, settings):
+        table.append(dict(row=row, what=what, ours=ours, baseline=baseline, ratio=ratio, memory=memory,
+                          load=load, machine=ms, settings=settings))
+
+    fp32_name = "fp32 (TF32)" if device.type == "cuda" else "fp32"
+    if 1 in rows:
+        log("row 1: peak matmul, BiART training")
+        peak = run("peak", device=dev, sizes=S["peak_sizes"], repeats=reps)
+        p32, p16 = peak["float32"], peak["bfloat16"]
+        J["peak_gflops"] = {k: {p: v["gflops"] for p, v in peak[k]["paths"].items()} for k in ("float32", "bfloat16")}
+        notes.append("peak matmul GFLOP/s (best size of " + ", ".join(map(str, S["peak_sizes"])) + "): "
+                     + "; ".join(f"{'fp32' if k == 'float32' else 'bf16'}: " + ", ".join(
+                         f"{p} {v['gflops']:.0f}" for p, v in peak[k]["paths"].items()) for k in ("float32", "bfloat16"))
+                     + f" (load {fmt_load(mean_load(p32, p16))}).")
+        tr = dict(device=dev, preset=S["train_preset"], overrides=S["train_overrides"], batch=S["train_batch"],
+                  repeats=reps)
+        ours = run("train", kind="ours", dtype="float32", **tr)
+        base = run("train", kind="baseline", dtype="float32", **tr)
+        bf16 = run("train", kind="ours", dtype="bfloat16", **tr)
+        cfg = biart.BiARTConfig.preset(S["train_preset"], **S["train_overrides"])
+        size = (f"{cfg.n_layer}x{cfg.n_embd}, {cfg.n_head} heads, vocab {cfg.vocab_size:,}, T {cfg.block_size - 1:,}, "
+                f"batch {S['train_batch']}, dropout {cfg.dropout}, {ours['params'] / 1e6:.1f}M params")
+        mfu = ours["model_gflops_per_s"] / p32["best_gflops"]
+        mfu_base = base["model_gflops_per_s"] / p32["best_gflops"]
+        mfu16 = bf16["model_gflops_per_s"] / p16["best_gflops"]
+        add("1", f"BiART training tokens/s, {fp32_name}",
+            f"{ours['tokens_per_s']:,.0f} tok/s, MFU {100 * mfu:.0f}%",
+            f"minGPT-style: {base['tokens_per_s']:,.0f} tok/s (its MFU {100 * mfu_base:.0f}%)",
+            f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}x", "",
+            fmt_load(mean_load(ours, base)),
+            f"{size}; step = fwd+bwd+clip+AdamW; MFU = {ours['flops_per_token'] / 1e6:.0f} MFLOP/token "
+            f"x tok/s / peak {p32['best_gflops']:.0f} GFLOP/s ({p32['best_path']}); baseline "
+            f"{base['flops_per_token'] / 1e6:.0f} MFLOP/token")
+        add("1b", "BiART training tokens/s, bf16 autocast",
+            f"{bf16['tokens_per_s']:,.0f} tok/s, MFU {100 * mfu16:.0f}% of bf16 peak",
+            f"ours {fp32_name}: {ours['tokens_per_s']:,.0f} tok/s", f"{bf16['tokens_per_s'] / ours['tokens_per_s']:.2f}x",
+            "", fmt_load(mean_load(bf16)),
+            f"same; bf16 peak {p16['best_gflops']:.0f} GFLOP/s ({p16['best_path']})")
+        J.update(mfu=mfu, mfu_bf16=mfu16, train_tokens_per_s=ours["tokens_per_s"],
+                 baseline_tokens_per_s=base["tokens_per_s"], baseline_mfu=mfu_base,
+                 train_speedup=ours["tokens_per_s"] / base["tokens_per_s"],
+                 train_bf16_tokens_per_s=bf16["tokens_per_s"], train_step_seconds=ours["median"],
+                 baseline_step_seconds=base["median"], train_flops_per_token=ours["flops_per_token"])
+        notes.append(f"row 1 losses at the first step (same init seed, different formulations): ours "
+                     f"{ours['first_loss']:.4f}, baseline {base['first_loss']:.4f}; per-step seconds ours "
+                     f"{[round(t, 3) for t in ours['times']]}, baseline {[round(t, 3) for t in base['times']]}.")
+        if compile_model:
+            comp = run("train", kind="ours", dtype="float32", compile_model=True, **tr)
+            add("1c", f"BiART training tokens/s, torch.compile, {fp32_name}",
+                f"{comp['tokens_per_s']:,.0f} tok/s, MFU {100 * comp['model_gflops_per_s'] / p32['best_gflops']:.0f}%",
+                f"ours eager: {ours['tokens_per_s']:,.0f} tok/s", f"{comp['tokens_per_s'] / ours['tokens_per_s']:.2f}x",
+                "", fmt_load(mean_load(comp)), f"same; the first two steps (compiling) took {comp['warm_s']:.0f} s")
+            J.update(compile_tokens_per_s=comp["tokens_per_s"], compile_seconds=comp["warm_s"])
+        if S["train_dropout_row"]:
+            drop = run("train", kind="ours", dtype="float32",
+                       **{**tr, "overrides": {**S["train_overrides"], "dropout": 0.1}})
+            add("1d", f"BiART training tokens/s, dropout 0.1 (the preset's), {fp32_name}",
+                f"{drop['tokens_per_s']:,.0f} tok/s", f"ours dropout 0: {ours['tokens_per_s']:,.0f} tok/s",
+                f"{drop['tokens_per_s'] / ours['tokens_per_s']:.2f}x", "", fmt_load(mean_load(drop)),
+                "same; attention dropout leaves SDPA's fused kernel on CPU (CUDA's flash kernel has dropout)")
+            J["train_dropout01_tokens_per_s"] = drop["tokens_per_s"]
+
+    if 2 in rows:
+        log("row 2: sampling")
+        cfg = biart.BiARTConfig.preset(S["sample_preset"], **S["sample_overrides"])
+        length = min(S["sample_length"], cfg.image_len)
+        for b in S["sample_batches"]:
+            sp = dict(device=dev, preset=S["sample_preset"], overrides=S["sample_overrides"], batch=b, length=length,
+                      repeats=reps)
+            e2e = b == min(S["sample_batches"])  # one whole generate() call checks the sum of steps
+            cache = run("sample", mode="cache", points=S["sample_points"], check_tokens=S["check_tokens"],
+                        end_to_end=e2e, **sp)
+            rec = run("sample", mode="recompute", points=S["sample_points"], **sp)
+            speedup = rec["seconds"] / cache["seconds"]
+            e2e_speedup = rec["seconds"] / cache["end_to_end_seconds"] if e2e else None
+            add("2", f"text->image sampling, batch {b}",
+                f"KV cache {cache['tokens_per_s']:,.1f} img tok/s ({cache['seconds']:.1f} s"
+                + (f"; one whole generate() call: {cache['end_to_end_seconds']:.1f} s)" if e2e else ")"),
+                f"recompute {rec['tokens_per_s']:,.2f} img tok/s ({rec['seconds']:.0f} s)",
+                f"{speedup:.1f}x" + (f" ({e2e_speedup:.1f}x by the whole call)" if e2e else ""),
+                f"{fmt_bytes(cache['peak_bytes'])} / {fmt_bytes(rec['peak_bytes'])}",
+                fmt_load(mean_load(cache, rec)),
+                f"{cfg.n_layer}x{cfg.n_embd}, {cfg.text_len} text + {length} of {cfg.image_len} image tokens, fp32, "
+                f"multinomial over the image ids; seconds = sum of steps timed at {len(rec['points'])} positions "
+                f"(sum_of_quadratic), same method for both")
+            key = "sampling_cache_speedup" if b == max(S["sample_batches"]) else f"sampling_cache_speedup_b{b}"
+            J[key] = speedup
+            J[f"sampling_b{b}"] = {
+                "cache_tokens_per_s": cache["tokens_per_s"], "recompute_tokens_per_s": rec["tokens_per_s"],
+                "cache_seconds": cache["seconds"], "cache_end_to_end_seconds": cache.get("end_to_end_seconds"),
+                "recompute_seconds": rec["seconds"], "speedup": speedup, "speedup_end_to_end": e2e_speedup,
+                "cache_peak_bytes": cache["peak_bytes"], "recompute_peak_bytes": rec["peak_bytes"],
+                "cache_prefill_seconds": cache["prefill_seconds"],
+                "cache_step_seconds": dict(zip(map(str, cache["points"]), cache["step_seconds"])),
+                "recompute_step_seconds": dict(zip(map(str, rec["points"]), rec["step_seconds"])),
+                "identical_tokens": cache.get("identical")}
+            notes.append(f"row 2 batch {b}: cached and recompute sampling gave "
+                         f"{'identical' if cache.get('identical') else 'DIFFERENT'} tokens ("
+                         f"the first {min(S['check_tokens'], length)} of each of {b} rows, same seed); seconds per "
+                         f"step at image token t: cache (prefill {cache['prefill_seconds']:.3f}) "
+                         + ", ".join(f"{t}: {x:.4f}" for t, x in zip(cache["points"], cache["step_seconds"]))
+                         + "; recompute " + ", ".join(f"{t}: {x:.3f}" for t, x in zip(rec["points"], rec["step_seconds"]))
+                         + ".")
+
+    if 3 in rows:
+        log("row 3: quantizer")
+        with tempfile.TemporaryDirectory() as tmp:
+            qp = dict(device=dev, shape=S["quant_shape"], codes=S["quant_codes"], chunk=S["quant_chunk"], repeats=reps)
+            ours = run("quantizer", kind="ours", save=os.path.join(tmp, "ours.pt"), **qp)
+            ref = run("quantizer", kind="reference", save=os.path.join(tmp, "ref.pt"), **qp)
+            same = compare_quantizer(torch.load(os.path.join(tmp, "ours.pt"), weights_only=True),
+                                     torch.load(os.path.join(tmp, "ref.pt"), weights_only=True))
+        speed = ref["seconds"] / ours["seconds"]
+        mem = ref["peak_bytes"] / ours["peak_bytes"] if ours["peak_bytes"] and ref["peak_bytes"] else None
+        identical = same["indices"] and same["counts"] and same["state"]
+        add("3", "EMA quantizer training step",
+            f"{ours['seconds']:.3f} s, peak +{fmt_bytes(ours['peak_bytes'])}",
+            f"one-hot: {ref['seconds']:.3f} s, peak +{fmt_bytes(ref['peak_bytes'])}",
+            f"{speed:.1f}x time, {mem:.1f}x memory" if mem else f"{speed:.1f}x time",
+            f"{fmt_bytes(ours['peak_bytes'])} / {fmt_bytes(ref['peak_bytes'])}", fmt_load(mean_load(ours, ref)),
+            f"input {tuple(S['quant_shape'])}, {S['quant_codes']} x {S['quant_shape'][1]} codes, fp32, chunk "
+            f"{S['quant_chunk']}; identical indices {same['indices']}, counts {same['counts']}, "
+            f"codebook state after the step {same['state']}")
+        J.update(quantizer_speedup=speed, quantizer_memory_ratio=mem, quantizer_identical=identical,
+                 quantizer_seconds=ours["seconds"], quantizer_reference_seconds=ref["seconds"],
+                 quantizer_peak_bytes=ours["peak_bytes"], quantizer_reference_peak_bytes=ref["peak_bytes"],
+                 quantizer_checks=same)
+
+    if 4 in rows:
+        log("row 4: AugVAE")
+        vp = dict(device=dev, preset=S["vae_preset"], overrides=S["vae_overrides"], batch=S["vae_batch"], repeats=reps)
+        vcfg = augvae.preset(S["vae_preset"], single_level=True, **S["vae_overrides"])
+        for op in ("encode", "decode"):
+            f32 = run("vae", op=op, dtype="float32", **vp)
+            b16 = run("vae", op=op, dtype="bfloat16", **vp)
+            settings = (f"{S['vae_preset']} SL, {f32['params'] / 1e6:.1f}M params, {vcfg.image_size} px, "
+                        f"batch {S['vae_batch']}, random weights")
+            add("4", f"AugVAE-SL {op} images/s, {fp32_name}", f"{f32['images_per_s']:.2f} img/s", "(none: the "
+                "library path, as prepare.py runs it)", "", fmt_bytes(f32["peak_bytes"]), fmt_load(mean_load(f32)),
+                settings)
+            add("4", f"AugVAE-SL {op} images/s, bf16 autocast", f"{b16['images_per_s']:.2f} img/s",
+                f"{fp32_name}: {f32['images_per_s']:.2f} img/s", f"{b16['images_per_s'] / f32['images_per_s']:.2f}x",
+                fmt_bytes(b16["peak_bytes"]), fmt_load(mean_load(b16)),
+                settings + "; bf16 changes the numerics (the VQ distances stay fp32)")
+            J[f"vae_{op}_images_per_s"] = f32["images_per_s"]
+            J[f"vae_{op}_bf16_images_per_s"] = b16["images_per_s"]
+            J[f"vae_{op}_peak_bytes"] = f32["peak_bytes"]
+            J[f"vae_{op}_bf16_peak_bytes"] = b16["peak_bytes"]
+
+    if 5 in rows:
+        log("row 5: tokenizer")
+        ours = run("tokenizer", device="cpu", kind="ours", count=S["tok_count"], repeats=reps)
+        clip = run("tokenizer", device="cpu", kind="clip", count=S["tok_count"], repeats=reps)
+        has_clip = "skipped" not in clip
+        add("5", "tokenizer captions/s (cold cache)", f"{ours['captions_per_s']:,.0f} captions/s",
+            f"CLIP simple_tokenizer: {clip['captions_per_s']:,.0f} captions/s" if has_clip else clip["skipped"],
+            f"{ours['captions_per_s'] / clip['captions_per_s']:.2f}x" if has_clip else "",
+            "", fmt_load(mean_load(ours, clip if has_clip else None)),
+            f"{S['tok_count']:,} COCO-style captions (tokenizer.bench_captions), CLIP BPE, one process")
+        J.update(tokenizer_captions_per_s=ours["captions_per_s"],
+                 clip_tokenizer_captions_per_s=clip.get("captions_per_s"))
+
+    if 6 in rows:
+        e = e2e_row(os.path.join(ROOT, DEMO_RESULTS), run=e2e)
+        secs = e.get("seconds")
+        add("6", "README demo end to end (python demo.py)",
+            f"{secs:.0f} s" if secs is not None else "not run", "", "", "",
+            fmt_load(mean_load(e)) if e2e else "n/a",
+            e["status"] + (f" (written {e['mtime']})" if "mtime" in e else "")
+            + (f"; timed here: {e['measured_s']:.0f} s" if "measured_s" in e else ""))
+        J.update(e2e_seconds=secs, e2e_measured_seconds=e.get("measured_s"))
+    return {"table": table, "json": J, "notes": notes, "machine": m, "settings": S}
+
+
+def print_table(result: dict, mode: str, elapsed: float) -> None:
+    m = result["machine"]
+    print(f"\nbench.py ({mode}) on {m['cpu']} ({m['cores']} cores, {m['threads']} threads), "
+          + (f"{m['gpu']}, " if "gpu" in m else "") + f"torch {m['torch']}, device {m['device']}; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}; {elapsed:.0f} s in all\n")
+    cols = ["row", "what", "ours", "baseline", "ratio", "peak memory", "others' load (cores)", "machine", "settings"]
+    keys = ["row", "what", "ours", "baseline", "ratio", "memory", "load", "machine", "settings"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for r in result["table"]:
+        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    print()
+    for n in result["notes"]:
+        print("- " + n)
+    print("- others' load: cores' worth of CPU that other processes used during the timed runs "
+          "(mean), from /proc/stat. Above 0 the runs shared memory bandwidth and caches; above cores - "
+          "threads they also waited for cores. Times are then upper bounds.")
+    print("- peak memory: what the measured call added above the memory in use before it, on its first "
+          "call, each measurement in a fresh process (VmHWM reset by /proc/self/clear_refs on Linux CPU; "
+          "torch.cuda.max_memory_allocated on CUDA); row 2: cache / recompute, row 3: ours / one-hot.")
+
+
+# -----------------------------------------------------------------------------------------
+# the GPU check
+
+def gpu_check(device_name: str, threads: int) -> int:
+    """One command for a CUDA machine: every CUDA path once, then the bench rows there.
+      1. BiART: train steps under bf16 autocast and under fp16 with a GradScaler, fused AdamW;
+         SDPA's flash kernel forced on for a training step with dropout; cached vs recompute sampling.
+      2. AugVAE ML: train steps under bf16 autocast, fused AdamW; VQ statistics stay fp32.
+      3. torch.compile of a BiART training step (optional path: a failure is reported, not fatal).
+      4. The scripts under torchrun with NCCL (min(2, GPUs) processes): train_vae.py --ml (bf16),
+         --sl (fp16 + GradScaler), prepare.py, tokenizer.py train, train_gpt.py (bf16); with two
+         processes, both ranks must end with bit-identical weights.
+      5. `python bench.py --quick` on the GPU (its table).
+    `--device cpu` runs the same plumbing on CPU (gloo, fp32 training scripts) to check the commands.
+    Exit status 1 if any check failed."""
+    if device_name == "auto":
+        device_name = "cuda"
+    device = torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench.py --gpu-check: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    if threads:
+        torch.set_num_threads(threads)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    results = []
+
+    class Skip(Exception):
+        pass
+
+    def skip(why: str):
+        raise Skip(why)
+
+    def check(name):
+        def wrap(fn):
+            t0 = time.perf_counter()
+            try:
+                detail = fn() or ""
+                results.append((name, "PASS", detail))
+            except Skip as e:
+                results.append((name, "SKIP", str(e)))
+            except Exception as e:  # report every check, whatever fails
+                results.append((name, "FAIL", f"{type(e).__name__}: {str(e)[-600:]}"))
+            print(f"[{results[-1][1]}] {name} ({time.perf_counter() - t0:.0f} s) {results[-1][2]}", flush=True)
+        return wrap
+
+    env_line = f"torch {torch.__version__}, device {device}"
+    if cuda:
+        env_line += (f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+                     f"{torch.cuda.device_count()} GPU(s), bf16 {torch.cuda.is_bf16_supported()}, "
+                     f"NCCL {torch.distributed.is_nccl_available()})")
+    print("gpu-check: " + env_line, flush=True)
+
+    cfg = biart.BiARTConfig.preset("medium", n_layer=2, dropout=0.1)
+
+    def biart_steps(dtype: torch.dtype, steps: int = 3, flash: bool = False) -> str:
+        torch.manual_seed(0)
+        model = biart.BiART(cfg).to(device).train()
+        opt = model.configure_optimizers(0.01, 3e-4, (0.9, 0.95), 1e-8, device.type)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        text, image = fake_batch(cfg, 4, 0)
+        losses = []
+        for i in range(steps):
+            idx, seg, targets = (t.to(device) for t in biart.build_sequence(text, image, biart.DIRECTIONS[i % 2], cfg))
+            ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+            kern = contextlib.nullcontext()
+            if flash:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                kern = sdpa_kernel([SDPBackend.FLASH_ATTENTION])  # raises if flash cannot run these inputs
+            with ctx, kern:
+                loss = model(idx, seg, targets)[1]
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        if not all(math.isfinite(x) for x in losses):
+            raise RuntimeError(f"non-finite losses {losses}")
+        fused = opt.param_groups[0].get("fused")
+        return f"losses {', '.join(f'{x:.3f}' for x in losses)}; fused AdamW {fused}"
+
+    amp16 = torch.bfloat16
+    check("BiART bf16 autocast train steps")(lambda: biart_steps(amp16))
+    check("BiART fp16 autocast + GradScaler train steps")(
+        lambda: biart_steps(torch.float16) if cuda else skip("CUDA only"))
+    check("BiART train step with SDPA forced to the flash kernel (dropout 0.1)")(
+        lambda: biart_steps(amp16, 1, flash=True) if cuda else skip("CUDA only (the CPU flash kernel has no dropout)"))
+
+    def sampling():
+        torch.manual_seed(0)
+        model = biart.BiART(biart.BiARTConfig.preset("medium", n_layer=2)).to(device).eval()
+        text, _ = fake_batch(model.config, 2, 0)
+        text = text.to(device)
+        g = torch.Generator(device=device)
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 for the comparison
+        try:
+            a = model.generate(text, "t2i", length=32, generator=g.manual_seed(0))
+            b = model.generate_nocache(text, "t2i", length=32, generator=g.manual_seed(0))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+        same = int((a == b).all(1).sum())
+        return f"{same} of {a.size(0)} rows identical over 32 tokens (cached vs recompute, fp32, same seed)"
+    check("BiART cached vs recompute sampling")(sampling)
+
+    def vae_steps():
+        torch.manual_seed(0)
+        model = augvae.AugVAE(augvae.preset("small")).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        x = torch.rand(4, 3, 64, 64, device=device) * 2 - 1
+        losses = []
+        for _ in range(3):
+            with torch.autocast(device.type, dtype=amp16):
+                recon, commit, _ = model(x)
+                loss = F.mse_loss(recon.float(), x) + commit
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        q = model.quantizer
+        if not all(b.dtype in (torch.float32, torch.long, torch.bool) for b in q.buffers()):
+            raise RuntimeError("a quantizer buffer is no longer fp32 after autocast steps")
+        if not all(math.isfinite(v) for v in losses):
+            raise RuntimeError(f"non-finite losses {losses}")
+        return f"losses {', '.join(f'{v:.3f}' for v in losses)}"
+    check("AugVAE-ML bf16 autocast train steps")(vae_steps)
+
+    def compiled():
+        step, _ = make_trainer("ours", biart.BiARTConfig.preset("medium", n_layer=2, dropout=0.0), 2,
+                               "bfloat16" if cuda else "float32", device, compile_model=True)
+        t0 = time.perf_counter()
+        step()
+        step()
+        sync(device)
+        return f"2 compiled steps (compiling included) in {time.perf_counter() - t0:.0f} s, losses {step.state['losses']}"
+    check("torch.compile BiART train step (optional path)")(compiled)
+
+    tmp = tempfile.mkdtemp(prefix="gpu_check_")
+    world = min(2, torch.cuda.device_count()) if cuda else 2
+    dtype_vae, dtype_sl, dtype_gpt = ("bfloat16", "float16", "bfloat16") if cuda else ("float32",) * 3
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    dev_flag = ["--device", "cuda" if cuda else "cpu"]
+
+    def torchrun(script: str, args: list, procs: int = world) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+               os.path.join(ROOT, script), *args]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[3:])} exited {r.returncode}: {(r.stderr or r.stdout)[-1500:]}")
+
+    def same_ranks(folder: str) -> str:
+        if world < 2:
+            return "one process (one GPU): NCCL DDP ran with world size 1"
+        a = torch.load(os.path.join(folder, "rank0.pt"), map_location="cpu", weights_only=True)
+        b = torch.load(os.path.join(folder, "rank1.pt"), map_location="cpu", weights_only=True)
+        bad = [k for k in a if not torch.equal(a[k], b[k])]
+        if bad:
+            raise RuntimeError(f"ranks differ in {len(bad)} tensors, e.g. {bad[0]}")
+        return f"{world} processes, ranks bit-identical ({len(a)} tensors)"
+
+    vae_args = ["--image-size", "32", "--batch-size", "4", "--train-size", "64", "--val-size", "8",
+                "--grid-images", "4", "--log-every", "1", *dev_flag]
+    ml, sl = os.path.join(tmp, "vae_ml"), os.path.join(tmp, "vae_sl")
+    tokens, gpt = os.path.join(tmp, "tokens"), os.path.join(tmp, "gpt")
+    check(f"train_vae.py --ml under torchrun ({'NCCL' if cuda else 'gloo'}, {dtype_vae})")(lambda: (
+        torchrun("tests/ddp_train_vae.py", ["--ml", *vae_args, "--max-steps", "4", "--eval-every", "2",
+                                            "--dtype", dtype_vae, "--out", ml]), same_ranks(ml))[1])
+    check(f"train_vae.py --sl under torchrun ({dtype_sl}{' + GradScaler' if cuda else ''})")(lambda: (
+        torchrun("tests/ddp_train_vae.py", ["--sl", "--init", os.path.join(ml, "best.pt"), *vae_args,
+                                            "--max-steps", "2", "--dtype", dtype_sl, "--out", sl]), same_ranks(sl))[1])
+    check(f"prepare.py under torchrun ({world} processes)")(lambda: (torchrun("prepare.py", [
+        "--vae", os.path.join(sl, "best.pt"), "--out", tokens, "--train-size", "64", "--val-size", "8",
+        "--test-size", "0", "--heldout-size", "0", "--chunk-size", "16", *dev_flag]),
+        f"{len(os.listdir(tokens))} files in the token folder")[1])
+
+    def bpe():
+        with open(os.path.join(tokens, "train.jsonl")) as f:
+            caps = "".join(c + "\n" for line in f for c in json.loads(line)["captions"])
+        with open(os.path.join(tmp, "captions.txt"), "w") as f:
+            f.write(caps)
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", os.path.join(tmp, "captions.txt"),
+                            "--vocab-size", "600", "--out", os.path.join(tmp, "bpe.txt.gz")],
+                           capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-1000:])
+    check("tokenizer.py train")(bpe)
+    check(f"train_gpt.py under torchrun ({dtype_gpt})")(lambda: (
+        torchrun("tests/ddp_train_gpt.py", [
+            "--tokens", tokens, "--bpe", os.path.join(tmp, "bpe.txt.gz"), "--n-layer", "2", "--n-embd", "64",
+            "--n-head", "2", "--batch-size", "4", "--eval-images", "8", "--log-every", "1", "--max-steps", "4",
+            "--eval-every", "2", "--dtype", dtype_gpt, *dev_flag, "--out", gpt]), same_ranks(gpt))[1])
+
+    def bench_rows():
+        cmd = [sys.executable, os.path.abspath(__file__), "--quick" if cuda else "--tiny", "--device", str(device),
+               "--json", os.path.join(tmp, "bench.json")]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                           timeout=1800)
+        print(r.stdout, flush=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        with open(os.path.join(tmp, "bench.json")) as f:
+            j = json.load(f)
+        return ", ".join(f"{k} {j[k]:.3g}" for k in ("mfu", "sampling_cache_speedup", "quantizer_speedup",
+                                                      "quantizer_memory_ratio") if j.get(k) is not None)
+    check("bench rows on the device (bench.py " + ("--quick" if cuda else "--tiny") + ")")(bench_rows)
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    failed = [r for r in results if r[1] == "FAIL"]
+    skipped = [r for r in results if r[1] == "SKIP"]
+    print(f"\ngpu-check: {len(results) - len(failed) - len(skipped)} passed, {len(failed)} failed, "
+          f"{len(skipped)} skipped ({env_line})")
+    for name, status, detail in results:
+        print(f"  [{status}] {name}: {detail}")
+    return 1 if failed else 0
+
+
+# -----------------------------------------------------------------------------------------
+
+def parse_rows(s: str) -> list:
+    try:
+        rows = sorted({int(x) for x in s.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rows takes numbers 1-6 separated by commas, got {s!r}")
+    if not rows or any(r not in range(1, 7) for r in rows):
+        raise argparse.ArgumentTypeError(f"--rows takes numbers 1-6, got {s!r}")
+    return rows
+
+
+def main(argv: list | None = None) -> int:
+    p = argparse.ArgumentParser(description="Measure this repo's hot paths against their baselines; print one table.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="rows: 1 BiART training, 2 sampling, 3 quantizer, 4 AugVAE, 5 tokenizer, "
+                                       "6 README demo. See the docstring of bench.py for the method.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smaller settings: a few minutes on a 2-core CPU")
+    mode.add_argument("--tiny", action="store_true", help="every path at toy sizes (for tests; the figures mean nothing)")
+    p.add_argument("--rows", type=parse_rows, default=list(range(1, 7)), help="rows to run, e.g. 1,3 (default: all)")
+    p.add_argument("--json", default="", metavar="FILE", help="also write the figures to FILE as JSON")
+    p.add_argument("--compile", action="store_true", help="row 1 also with torch.compile")
+    p.add_argument("--e2e", action="store_true", help="row 6: run `python demo.py` and time it (not in the default run)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per measurement (0: torch's default)")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process instead of a fresh one per measurement (faster; memory less isolated)")
+    p.add_argument("--gpu-check", action="store_true", help="run the CUDA checks (see gpu_check) and the rows on the GPU")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0, got {args.threads}")
+    if args.worker:
+        if args.worker not in PARTS:
+            p.error(f"unknown worker {args.worker!r}")
+        worker_main(args.worker, json.loads(args.spec), args.threads)
+        return 0
+    if args.gpu_check:
+        return gpu_check(args.device, args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode_name = "quick" if args.quick else "tiny" if args.tiny else "full"
+    t0 = time.perf_counter()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  progress; the table goes to stdout
+    result = run_bench(mode_name, args.rows, device, args.threads, args.in_process, args.compile, args.e2e, log)
+    elapsed = time.perf_counter() - t0
+    print_table(result, mode_name, elapsed)
+    if args.json:
+        doc = {**result["json"], "mode": mode_name, "rows_run": args.rows, "machine": result["machine"],
+               "elapsed_s": elapsed, "table": result["table"], "notes": result["notes"],
+               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        folder = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
