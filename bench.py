@@ -1099,6 +1099,8 @@ def gpu_check(device_name: str, threads: int) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench.py --gpu-check: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)  # torch.cuda.set_device needs an index
     if threads:
         torch.set_num_threads(threads)
     cuda = device.type == "cuda"

@@ -314,10 +314,10 @@ def main(argv: list | None = None) -> biart.BiART:
                 raise ValueError(f"--init {cfg['init']}: was trained with another tokenizer than {tok_info['path']}")
             model.load_state_dict(init["model"], strict=True)
             del init
+    model.to(device)  # first: NCCL broadcasts CUDA tensors only
     if ddp:  # every rank starts from rank 0's weights
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, 0)
-    model.to(device)
     raw = model
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

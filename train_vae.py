@@ -222,10 +222,10 @@ def main(argv: list | None = None) -> augvae.AugVAE:
             overrides["image_size"] = cfg["image_size"]
         mcfg = augvae.preset(cfg["preset"], **overrides)
         model = augvae.AugVAE(mcfg)
+    model.to(device)  # first: NCCL broadcasts CUDA tensors only
     if ddp:  # every rank starts from rank 0's weights and buffers
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, 0)
-    model.to(device)
     raw = model
     if ddp:
         # buffers are kept identical by the quantizer's own all-reduce: no per-step broadcast
