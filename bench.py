@@ -456,7 +456,7 @@ def cached_step(model: biart.BiART, tok: torch.Tensor, caches: list, pos: int,
     """One iteration of BiART.generate's loop for text->image: the last token (B,) in at position
     `pos` against the KV cache, the next image token (B,) out."""
     seg = torch.full_like(tok[:, None], biart.GEN)
-    h = model._trunk(tok[:, None], seg, caches, pos=pos)[:, -1]  # (B, C)
+    h = model._trunk(tok[:, None], seg, caches, pos=pos, direction="t2i")[:, -1]  # (B, C)
     return model._sample(h, "image", 1.0, None, None, generator)
 
 

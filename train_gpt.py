@@ -60,6 +60,7 @@ DEFAULTS = dict(
     n_head=0,
     n_embd=0,
     dropout=-1.0,          # <0 -> the preset's (paper 0.1)
+    positions="",          # '' -> the preset's; 'sequence' (minGPT) or 'canonical' (BiARTConfig.positions)
     truncate=False,        # cut captions longer than text_len instead of stopping with an error
     # data
     bpe_dropout=0.1,       # BPE-dropout on training captions (appendix B.2); validation uses none
@@ -73,14 +74,15 @@ DEFAULTS = dict(
     lr=0.0,                # 0 -> lr_per_sample x total batch
     lr_per_sample=3.125e-5,  # lr = this x total batch; the paper's rule is 4.5e-7 (for paper scale)
     warmup_steps=50,       # linear warmup from 0 over this many steps
+    warmdown_steps=0,      # linear decay to min_lr over the last this many of max_steps (0: none)
     weight_decay=0.01,     # not on embeddings, LayerNorms or biases (biart.configure_optimizers)
     plateau_patience=3,    # halve the lr after this many evaluations without a better val loss
     min_lr=1e-6,           # never halve below this
     grad_clip=1.0,         # clip the gradient norm (0: off)
     # system
     device="auto",         # 'auto', 'cpu', 'cuda', 'cuda:N'
-    dtype="auto",          # CUDA autocast: 'auto' (bfloat16 if supported, else float16), 'float32',
-                           # 'bfloat16', 'float16' (GradScaler; the paper's FP16); CPU is always fp32
+    dtype="auto",          # autocast: 'auto' (CUDA: bfloat16 if supported, else float16; CPU: fp32), 'float32',
+                           # 'bfloat16' (also on CPU), 'float16' (CUDA, GradScaler; the paper's FP16)
     seed=0,
     log_every=20,
     eval_every=200,        # evaluate on the val split every N steps
@@ -99,6 +101,9 @@ HELP = dict(
     n_head="attention heads; 0 takes the preset's",
     n_embd="width of the residual stream; 0 takes the preset's",
     dropout="residual, embedding and attention dropout; <0 takes the preset's (paper: 0.1)",
+    positions="position embeddings: 'sequence' (minGPT: by place in the sequence, so the image grid sits at "
+              "two places, one per direction) or 'canonical' (each token at its text->image place in both "
+              "directions); '' takes the preset's",
     truncate="cut captions that do not fit text_len (default: stop and name the caption)",
     bpe_dropout="BPE-dropout probability on training captions (paper: 0.1)",
     mix="put both directions in every batch, half each (default: alternate t2i / i2t every optimizer step)",
@@ -111,12 +116,15 @@ HELP = dict(
     lr_per_sample="learning rate per sequence of the total batch: lr = this x total batch. The default (1e-3 at "
                   "batch 32) is measured on the CPU shapes demo; the paper's rule (appendix B.2) is 4.5e-7",
     warmup_steps="linear learning-rate warmup over this many steps (0: none)",
+    warmdown_steps="linear decay of the learning rate to --min-lr over the last this many of --max-steps "
+                   "(0: none; short fixed budgets such as demo.py's end better with it)",
     weight_decay="AdamW weight decay on Linear weights (paper: 0.01)",
     plateau_patience="evaluations without a better validation loss before the lr is halved",
     min_lr="lower bound for the halving",
     grad_clip="clip the gradient norm to this (0: off)",
     device="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'",
-    dtype="CUDA autocast dtype: auto (bfloat16 where supported, else float16), float32, bfloat16, float16 (with a GradScaler); fp32 on CPU",
+    dtype="autocast dtype: auto (CUDA: bfloat16 where supported, else float16; CPU: float32), float32, "
+          "bfloat16 (CUDA or CPU), float16 (CUDA, with a GradScaler)",
     seed="random seed (model init, data order, caption and crop draws, dropout)",
     log_every="log the training losses every N steps",
     eval_every="evaluate on the validation split every N steps",
@@ -239,6 +247,8 @@ def model_config(cfg: dict, meta: dict, tok: tokenizer.Tokenizer) -> biart.BiART
     overrides.update({k: cfg[k] for k in MODEL_FLAGS if cfg[k]})
     if cfg["dropout"] >= 0:
         overrides["dropout"] = cfg["dropout"]
+    if cfg["positions"]:
+        overrides["positions"] = cfg["positions"]
     return biart.BiARTConfig.preset(cfg["preset"], **overrides)
 
 
@@ -271,6 +281,9 @@ def main(argv: list | None = None) -> biart.BiART:
     for key in ("batch_size", "max_steps", "log_every", "eval_every", "ckpt_every"):
         if cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if cfg["warmdown_steps"] < 0 or cfg["warmup_steps"] < 0:
+        raise ValueError(f"--warmup-steps and --warmdown-steps must be >= 0, got {cfg['warmup_steps']}, "
+                         f"{cfg['warmdown_steps']}")
     if not 0.0 <= cfg["bpe_dropout"] < 1.0:
         raise ValueError(f"--bpe-dropout must be in [0, 1), got {cfg['bpe_dropout']}")
     if cfg["mix"] and cfg["batch_size"] % 2:
@@ -432,6 +445,9 @@ def main(argv: list | None = None) -> biart.BiART:
     try:  # the bar closes before any error message, which then stays the last line
         while step < cfg["max_steps"]:
             lr_now = lr * min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] else lr
+            left = cfg["max_steps"] - step  # the warmdown: a function of the step alone, so --resume keeps it
+            if left <= cfg["warmdown_steps"]:
+                lr_now = cfg["min_lr"] + (lr_now - cfg["min_lr"]) * left / cfg["warmdown_steps"]
             for g in optimizer.param_groups:
                 g["lr"] = lr_now
             t_step = time.time()

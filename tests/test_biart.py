@@ -72,7 +72,7 @@ def test_paper_param_count_exact():
 def test_config_dict_round_trip_and_rejections():
     config = BiARTConfig.preset('small', text_vocab=300, eot_token=5)
     d = config.to_dict()
-    assert all(v is None or type(v) in (int, float, bool) for v in d.values())
+    assert all(v is None or type(v) in (int, float, bool, str) for v in d.values())
     assert BiARTConfig.from_dict(d) == config
     with pytest.raises(ValueError):
         BiARTConfig.from_dict({**d, 'n_layers': 3})
@@ -86,6 +86,39 @@ def test_config_dict_round_trip_and_rejections():
         BiARTConfig(n_embd=100, n_head=16)
     with pytest.raises(ValueError):
         BiARTConfig(bias=1)
+    with pytest.raises(ValueError):
+        BiARTConfig(positions='absolute')
+    # checkpoints written before the positions field existed load with minGPT's positions
+    old = {k: v for k, v in d.items() if k != 'positions'}
+    assert BiARTConfig.from_dict(old).positions == 'sequence'
+
+
+def test_canonical_positions_give_each_token_one_place_in_both_directions():
+    c = tiny_config(positions='canonical')
+    model = make_model(c, double=True, sharpen=4.0)
+    text, image = random_batch(c, 2, seed=3)
+    seq = {d: build_sequence(text, image, d, c)[0] for d in ('t2i', 'i2t')}
+    places = {d: model._positions(seq[d], 0, None) for d in seq}
+    assert places['t2i'].tolist() == [list(range(c.block_size - 1))] * 2
+    p = places['i2t'][0].tolist()  # [SOI] image [SOC] text[:-1]
+    assert p[0] == c.text_len + 1 and p[1:c.image_len + 1] == list(range(c.text_len + 2, c.block_size))
+    assert p[c.image_len + 1:] == list(range(0, c.text_len))
+    # one step of the cached loop, given the direction, equals the same place from the start token
+    assert torch.equal(model._positions(seq['i2t'][:, 5:6], 5, 'i2t'), places['i2t'][:, 5:6])
+    # minGPT's: the place itself in both orders
+    seq_model = make_model(tiny_config(), double=True)
+    assert seq_model._positions(seq['i2t'], 0, None).tolist() == list(range(c.block_size - 1))
+    # mixed directions in one batch (train_gpt --mix) get each row's own places
+    mixed = torch.cat([seq['t2i'][:1], seq['i2t'][:1]])
+    got = model._positions(mixed, 0, None)
+    assert got[0].tolist() == list(range(c.block_size - 1)) and got[1].tolist() == p
+    # the places change the outputs: canonical and minGPT positions differ in i2t, agree in t2i
+    seq_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for d, same in (('t2i', True), ('i2t', False)):
+            seg = build_sequence(text, image, d, c)[1]
+            a, b = model(seq[d], seg)[0], seq_model(seq[d], seg)[0]
+            assert torch.allclose(a, b) == same
 
 
 # --- sequences ---------------------------------------------------------------------------
@@ -182,8 +215,9 @@ def masked_full_vocab_loss(model: BiART, idx, seg, targets):
     return loss, nll[valid & ref].mean(), nll[valid & ~ref].mean()
 
 
-def test_restricted_loss_equals_masked_full_vocab_loss():
-    c = tiny_config()
+@pytest.mark.parametrize('positions', ['sequence', 'canonical'])
+def test_restricted_loss_equals_masked_full_vocab_loss(positions):
+    c = tiny_config(positions=positions)
     model = make_model(c, double=True)
     text, image = random_batch(c, 4, seed=3)
     with torch.no_grad():
@@ -227,8 +261,9 @@ def test_loss_ignores_pad_targets_and_includes_eot():
 
 # --- scoring -----------------------------------------------------------------------------
 
-def test_score_equals_slow_sum_of_log_probs():
-    c = tiny_config()
+@pytest.mark.parametrize('positions', ['sequence', 'canonical'])
+def test_score_equals_slow_sum_of_log_probs(positions):
+    c = tiny_config(positions=positions)
     model = make_model(c, double=True, sharpen=4.0)
     text, image = random_batch(c, 3, seed=5)
     for direction in ('t2i', 'i2t'):
@@ -260,8 +295,9 @@ def test_score_equals_slow_sum_of_log_probs():
 @pytest.mark.parametrize('num_samples,top_k,top_p,temperature,eot_boost', [
     (1, None, None, 1.0, 4.0), (3, 5, None, 1.0, 4.0), (3, None, 0.8, 1.3, 4.0), (2, 7, 0.9, 0.7, 4.0),
     (3, 5, None, 1.0, 8.0)])  # with the last, every caption ends early and sampling stops
-def test_generate_cache_equals_nocache(direction, num_samples, top_k, top_p, temperature, eot_boost):
-    c = tiny_config()
+@pytest.mark.parametrize('positions', ['sequence', 'canonical'])
+def test_generate_cache_equals_nocache(direction, num_samples, top_k, top_p, temperature, eot_boost, positions):
+    c = tiny_config(positions=positions)
     model = make_model(c, double=True, sharpen=8.0)
     favour_tokens(model, torch.tensor([c.eot_id]), strength=eot_boost)  # captions end early
     text, image = random_batch(c, 3, seed=6)
