@@ -1111,15 +1111,29 @@ def start_processes(device: str) -> tuple:
     return ddp, rank, world, device
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (x86 AMX or AVX512-BF16, read from
+    /proc/cpuinfo), where bf16 autocast trains convolutions about 2x faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def autocast_context(device: torch.device, dtype: str) -> tuple:
-    """-> (context, torch dtype, amp on?). Autocast runs on CUDA only ('auto': bf16 where the
-    GPU has it, else fp16); on CPU everything stays fp32. fp16 needs a GradScaler."""
+    """-> (context, torch dtype, amp on?). 'auto': bf16 on a GPU that has it, else fp16 on CUDA;
+    fp32 on CPU. 'bfloat16' also autocasts on CPU (fast where cpu_has_fast_bf16()); fp16 is
+    CUDA only and needs a GradScaler."""
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if dt is None:
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    amp = device.type == "cuda" and dt != torch.float32
+    if dt == torch.float16 and device.type != "cuda":
+        raise ValueError("--dtype float16 needs a CUDA device; on CPU use bfloat16 or float32")
+    amp = dt != torch.float32
     return (torch.autocast(device.type, dtype=dt) if amp else contextlib.nullcontext()), dt, amp
 
 

@@ -72,7 +72,7 @@ DEFAULTS = dict(
     seed=0,
     batch_size=64,         # candidate sequences per forward pass (lower it if memory is short)
     device="auto",         # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'
-    dtype="auto",          # BiART autocast on CUDA: 'auto' (bf16 where supported), 'float32', 'bfloat16', 'float16'
+    dtype="auto",          # BiART autocast: 'auto' (bf16 on a GPU that has it, else fp32), 'float32', 'bfloat16', 'float16'
 )
 
 HELP = dict(
@@ -97,7 +97,8 @@ HELP = dict(
     seed="random seed: the same seed gives the same output for an input",
     batch_size="candidate sequences per forward pass",
     device="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'",
-    dtype="BiART's autocast dtype on CUDA ('auto': bf16 where supported); CPU and AugVAE always run fp32",
+    dtype="BiART's autocast dtype ('auto': bf16 on a GPU that has it, fp32 on CPU; bfloat16 also autocasts "
+          "on CPU; float16 is CUDA only); the AugVAE always runs fp32",
 )
 
 

@@ -41,6 +41,7 @@ DEFAULTS = dict(
     # model
     preset="small",        # 'small' (64 px CPU demo) or 'paper' (256 px, 8192 x 256 codebook)
     image_size=0,          # 0 -> the preset's
+    codebook_size=0,       # 0 -> the preset's (paper 8192, small 512)
     quantizer="robust",    # 'robust' (data init + dead-code restarts) or 'faithful' (the release)
     sl_quantize_finest=False,  # SL: also quantize the unused 64x64 level like the release
     # data
@@ -68,7 +69,7 @@ DEFAULTS = dict(
     fg_weight=-1.0,        # <0 -> 10 on the built-in shapes, 1 (plain MSE) elsewhere
     # system
     device="auto",         # 'auto', 'cpu', 'cuda', 'cuda:N'
-    dtype="float32",       # autocast on CUDA: 'float32' (the paper), 'bfloat16', 'float16', 'auto'
+    dtype="float32",       # autocast: 'float32' (the paper), 'bfloat16' (CUDA or CPU), 'float16' (CUDA), 'auto'
     seed=0,
     log_every=20,
     eval_every=250,        # evaluate, save a reconstruction grid and checkpoint every N steps
@@ -82,6 +83,7 @@ HELP = dict(
     resume="continue exactly where OUT/ckpt.pt stopped; an error if it does not exist",
     preset="model preset: " + ", ".join(augvae.PRESETS),
     image_size="image resolution in pixels; 0 takes the preset's",
+    codebook_size="ML: codes in the shared codebook; 0 takes the preset's (paper 8192, small 512)",
     quantizer="'robust': data-driven codebook init and dead-code restarts; 'faithful': the release's behaviour",
     sl_quantize_finest="SL only: still quantize the 64x64 level (adds its commitment loss and codebook updates), as the released code does",
     data="'shapes' for the built-in captioned shapes, 'fashion-mnist' (its official train images; validation on a "
@@ -109,8 +111,9 @@ HELP = dict(
     lpips_weight="weight of LPIPS in the loss (paper: 0.1)",
     fg_weight="weight of foreground pixels (those far from the image's median colour) in the MSE; <0: 10 on shapes, 1 elsewhere",
     device="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'",
-    dtype="autocast dtype on CUDA: float32 (off; the paper trains AugVAE in fp32), bfloat16, float16 with a GradScaler, "
-          "or auto (bf16 where supported); the quantizer always runs in fp32",
+    dtype="autocast dtype: float32 (off; the paper trains AugVAE in fp32), bfloat16 (CUDA, or CPU: about 2x faster "
+          "on CPUs with AMX / AVX512-BF16), float16 with a GradScaler (CUDA), or auto (bf16 on a GPU that has it, "
+          "fp32 on CPU); the quantizer always runs in fp32",
     seed="random seed (model init, data order, augmentation)",
     log_every="log the training loss every N steps",
     eval_every="evaluate on the validation set and save a reconstruction grid every N steps",
@@ -220,6 +223,8 @@ def main(argv: list | None = None) -> augvae.AugVAE:
         overrides = dict(quantizer_mode=cfg["quantizer"])
         if cfg["image_size"]:
             overrides["image_size"] = cfg["image_size"]
+        if cfg["codebook_size"]:
+            overrides["codebook_size"] = cfg["codebook_size"]
         mcfg = augvae.preset(cfg["preset"], **overrides)
         model = augvae.AugVAE(mcfg)
     model.to(device)  # first: NCCL broadcasts CUDA tensors only

@@ -125,6 +125,21 @@ def test_image_folder_with_a_corrupt_file_is_skipped(tmp_path):
     assert (out / "ckpt.pt").exists()
 
 
+def test_bf16_autocast_on_cpu_and_codebook_size(tmp_path):
+    out = tmp_path / "bf16"
+    r = run(["--ml", *TINY, "--max-steps", "3", "--eval-every", "3", "--dtype", "bfloat16", "--codebook-size", "64",
+             "--device", "cpu", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = ckpt(out / "ckpt.pt")
+    assert c["config"]["codebook_size"] == 64 and c["train"]["dtype"] == "bfloat16"
+    # autocast computes in bf16 but keeps the weights, the codebook and its EMA statistics fp32
+    assert all(v.dtype in (torch.float32, torch.int64, torch.bool) for v in c["model"].values())
+    assert c["model"]["quantizer.embed"].shape == (64, augvae.preset("small").z_channels)
+    steps = [l for l in (out / "log.txt").read_text().splitlines() if l.startswith("step ")]
+    losses = [float(l.split(" loss ")[1].split()[0]) for l in steps]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--sl"], "--sl needs --init"),
     (["--sl", "--init", "nowhere.pt"], "nowhere.pt: no such file"),
@@ -134,6 +149,7 @@ def test_image_folder_with_a_corrupt_file_is_skipped(tmp_path):
     (["--ml", "--dtype", "float8"], "--dtype"),
     (["--ml", "--preset", "huge"], "unknown AugVAE preset"),
     (["--ml", "--lpips-vgg", "x.pth"], "needs both"),
+    (["--ml", "--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA device"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     r = run([*args, "--max-steps", "1"], cwd=tmp_path)
