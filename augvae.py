@@ -58,6 +58,9 @@ class AugVAEConfig:
     def __post_init__(self):
         self.stem_mult = tuple(self.stem_mult)
         self.level_mult = tuple(self.level_mult)
+        for name in ("image_size", "codebook_size", "z_channels", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.quantizer_mode not in ("robust", "faithful"):
             raise ValueError(f"quantizer_mode must be 'robust' or 'faithful', got {self.quantizer_mode!r}")
         if not 0 <= self.token_level < self.num_levels:

@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -554,31 +553,6 @@ def quantizer_state(vq: augvae.EMAQuantizer) -> dict:
 
 
 # -----------------------------------------------------------------------------------------
-# row 5 baseline: OpenAI CLIP's tokenizer, loaded by file path (the clip package's __init__
-# imports torchvision): CLIP_REF_TOKENIZER=/path/to/simple_tokenizer.py, or an installed `clip`
-
-def clip_tokenizer_path() -> str | None:
-    path = os.environ.get("CLIP_REF_TOKENIZER")
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"CLIP_REF_TOKENIZER={path} is not a file")
-        return path
-    spec = importlib.util.find_spec("clip")  # located, not imported
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = os.path.join(folder, "simple_tokenizer.py")
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
-def clip_tokenizer(path: str):
-    spec = importlib.util.spec_from_file_location("clip_reference_simple_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SimpleTokenizer(tokenizer.default_bpe_path())
-
-
-# -----------------------------------------------------------------------------------------
 # the measurements: each `*_part` runs in its own process (see Runner) and returns plain JSON
 
 def peak_part(device: str, sizes: list, repeats: int) -> dict:
@@ -762,11 +736,11 @@ def tokenizer_part(device: str, kind: str, count: int, repeats: int) -> dict:
     if kind == "ours":
         make = tokenizer.Tokenizer
     elif kind == "clip":
-        path = clip_tokenizer_path()
+        path = tokenizer.reference_path()
         if path is None:
             return {"skipped": "OpenAI CLIP's simple_tokenizer.py not found (pip install --no-deps "
                                "clip-anytorch==2.6.0, or set CLIP_REF_TOKENIZER)"}
-        make = lambda: clip_tokenizer(path)  # noqa: E731
+        make = lambda: tokenizer.load_reference(path)  # noqa: E731
     else:
         raise ValueError(f"unknown tokenizer {kind!r}")
 

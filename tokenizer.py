@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import heapq
 import html
+import importlib.util
 import itertools
 import operator
 import os
@@ -64,6 +65,32 @@ WHITESPACE = regex.compile(r"\s+")  # the `regex` module's \s, as CLIP uses (dif
 def default_bpe_path() -> str:
     """CLIP's merges file, shipped beside this file."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
+
+
+def reference_path() -> str | None:
+    """OpenAI CLIP's simple_tokenizer.py, the reference this tokenizer is checked against (tests,
+    bench.py): CLIP_REF_TOKENIZER=/path/to/simple_tokenizer.py, or an installed `clip` package
+    (`pip install --no-deps clip-anytorch==2.6.0`), located without importing it (its __init__
+    imports torchvision). None when neither is there."""
+    path = os.environ.get("CLIP_REF_TOKENIZER")
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CLIP_REF_TOKENIZER={path} is not a file")
+        return path
+    spec = importlib.util.find_spec("clip")  # a top-level lookup: the package is not imported
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(folder, "simple_tokenizer.py")
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def load_reference(path: str):
+    """CLIP's SimpleTokenizer from the file at `path` (see reference_path), on CLIP's merges."""
+    spec = importlib.util.spec_from_file_location("clip_reference_simple_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer(default_bpe_path())
 
 
 def bytes_to_unicode() -> dict[int, str]:

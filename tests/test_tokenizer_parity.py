@@ -7,7 +7,6 @@ simple_tokenizer.py), or else in an installed `clip` package, located without im
 Without either, these tests are skipped.
 """
 
-import importlib.util
 import os
 import random
 import sys
@@ -22,29 +21,12 @@ SKIP_REASON = ("OpenAI CLIP's simple_tokenizer.py not found: set CLIP_REF_TOKENI
                "or run `pip install --no-deps clip-anytorch==2.6.0`")
 
 
-def reference_path() -> str | None:
-    path = os.environ.get("CLIP_REF_TOKENIZER")
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"CLIP_REF_TOKENIZER={path} is not a file")
-        return path
-    spec = importlib.util.find_spec("clip")  # a top-level lookup: the package is not imported
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = os.path.join(folder, "simple_tokenizer.py")
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
 @pytest.fixture(scope="module")
 def pair():
-    path = reference_path()
+    path = tokenizer.reference_path()
     if path is None:
         pytest.skip(SKIP_REASON)
-    spec = importlib.util.spec_from_file_location("clip_reference_simple_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return tokenizer.Tokenizer(), module.SimpleTokenizer(tokenizer.default_bpe_path())
+    return tokenizer.Tokenizer(), tokenizer.load_reference(path)
 
 
 HARD = [

@@ -150,6 +150,7 @@ def test_bf16_autocast_on_cpu_and_codebook_size(tmp_path):
     (["--ml", "--preset", "huge"], "unknown AugVAE preset"),
     (["--ml", "--lpips-vgg", "x.pth"], "needs both"),
     (["--ml", "--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA device"),
+    (["--ml", "--codebook-size", "-3"], "codebook_size must be >= 1, got -3"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     r = run([*args, "--max-steps", "1"], cwd=tmp_path)
