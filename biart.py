@@ -29,9 +29,10 @@ The second start token is never a target: given the direction it is known, so th
 that would predict it (the last condition token) carries no loss.
 
 Loss (section 3.4): next-token NLL over BOTH parts, the condition ([REF]) and the target
-([GEN]); `loss` is the mean over all non-ignored target tokens (minGPT's NLL), and
-`parts = {'ref', 'gen'}` holds the mean of each part (with gradients, so a training script may
-weigh them differently). A position only ever predicts ids of one modality, known from the
+([GEN]); `loss` is the mean over all non-ignored target tokens (minGPT's NLL), or with
+forward(..., ref_weight=w) a weighted mean in which each condition token counts w (0: the
+target part alone; train_gpt.py --ref-weight), and `parts = {'ref', 'gen'}` holds the mean of
+each part. A position only ever predicts ids of one modality, known from the
 direction: image positions score the image rows [0, image_vocab) of the output head and text
 positions the text rows [image_vocab, image_vocab + text_vocab). This "restricted" loss is
 exactly the cross-entropy of the full 57,603-way head with the impossible ids masked to -inf,
@@ -527,7 +528,7 @@ class BiART(nn.Module):
         )
 
     def forward(self, idx: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor | None = None,
-                full_vocab: bool = False,
+                full_vocab: bool = False, ref_weight: float = 1.0,
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor] | None]:
         """idx, seg: (B, T); targets: (B, block_size - 1) from build_sequence, or None.
 
@@ -535,7 +536,8 @@ class BiART(nn.Module):
           targets None: full-vocabulary logits (B, T, vocab_size), None, None.
           targets given: the restricted loss (see module docstring) with logits None, or with
             full_vocab=True the unmasked full-vocabulary loss and its logits (B, T, vocab_size).
-          loss is the mean NLL over all non-ignored targets of both parts; parts =
+          loss is the mean NLL over all non-ignored targets of both parts, each condition token
+          weighted by ref_weight (1: the paper's plain mean; 0: the target part alone); parts =
           {'ref': mean over the condition part, 'gen': mean over the target part}.
         Batches may mix directions (each row's direction is read from its first token)."""
         x = self._trunk(idx, seg)  # (B, T, C)
@@ -544,8 +546,8 @@ class BiART(nn.Module):
         logits = self.lm_head(x) if full_vocab else None  # (B, T, V)
         r = self._token_nll(x, idx, targets, logits)
         ref_n, gen_n = r['ref_n'].sum(), r['gen_n'].sum()
-        loss = (r['ref_sum'].sum() + r['gen_sum'].sum()) / (ref_n + gen_n).clamp(min=1)
         parts = {'ref': r['ref_sum'].sum() / ref_n.clamp(min=1), 'gen': r['gen_sum'].sum() / gen_n.clamp(min=1)}
+        loss = (ref_weight * r['ref_sum'].sum() + r['gen_sum'].sum()) / (ref_weight * ref_n + gen_n).clamp(min=1)
         return logits, loss, parts
 
     @torch.no_grad()

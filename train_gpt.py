@@ -16,7 +16,8 @@ tokens' meta.json, so a sampler can rebuild and verify both.
 
 Training (SPEC 2): each optimizer step is one direction, alternating text->image and
 image->text (--mix puts half of every batch in each direction); the loss is the NLL of both
-the condition ([REF]) and the target ([GEN]) part. Every draw of a training image picks one
+the condition ([REF]) and the target ([GEN]) part, each condition token weighted by
+--ref-weight (1: one mean over all tokens). Every draw of a training image picks one
 of its captions and one of its views (the centre one or a prepare.py --crops crop) from a
 random.Random seeded by (seed, epoch, index), and tokenizes the caption with BPE-dropout from
 the same generator, so a resumed run draws exactly what the uninterrupted one would have.
@@ -79,6 +80,7 @@ DEFAULTS = dict(
     plateau_patience=3,    # halve the lr after this many evaluations without a better val loss
     min_lr=1e-6,           # never halve below this
     grad_clip=1.0,         # clip the gradient norm (0: off)
+    ref_weight=1.0,        # weight of each condition ([REF]) token in the loss against a target token's 1
     # system
     device="auto",         # 'auto', 'cpu', 'cuda', 'cuda:N'
     dtype="auto",          # autocast: 'auto' (CUDA: bfloat16 if supported, else float16; CPU: fp32), 'float32',
@@ -122,6 +124,8 @@ HELP = dict(
     plateau_patience="evaluations without a better validation loss before the lr is halved",
     min_lr="lower bound for the halving",
     grad_clip="clip the gradient norm to this (0: off)",
+    ref_weight="loss weight of each condition ([REF]) token relative to a target ([GEN]) token: 1 is the "
+               "paper's mean over both parts, 0 trains on the target part alone",
     device="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'",
     dtype="autocast dtype: auto (CUDA: bfloat16 where supported, else float16; CPU: float32), float32, "
           "bfloat16 (CUDA or CPU), float16 (CUDA, with a GradScaler)",
@@ -284,6 +288,8 @@ def main(argv: list | None = None) -> biart.BiART:
     if cfg["warmdown_steps"] < 0 or cfg["warmup_steps"] < 0:
         raise ValueError(f"--warmup-steps and --warmdown-steps must be >= 0, got {cfg['warmup_steps']}, "
                          f"{cfg['warmdown_steps']}")
+    if not cfg["ref_weight"] >= 0.0:  # also refuses nan
+        raise ValueError(f"--ref-weight must be >= 0, got {cfg['ref_weight']}")
     if not 0.0 <= cfg["bpe_dropout"] < 1.0:
         raise ValueError(f"--bpe-dropout must be in [0, 1), got {cfg['bpe_dropout']}")
     if cfg["mix"] and cfg["batch_size"] % 2:
@@ -389,7 +395,8 @@ def main(argv: list | None = None) -> biart.BiART:
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate() -> dict:
-        """Mean NLL per direction and part over the val images (token-weighted, all ranks)."""
+        """Mean NLL per direction and part over the val images (token-weighted, all ranks); each
+        direction's loss weights the condition part by --ref-weight, as training does."""
         raw.eval()
         sums = torch.zeros(8, device=device, dtype=torch.float64)  # per direction: ref sum, n, gen sum, n
         for text, image in val_loader:
@@ -407,11 +414,11 @@ def main(argv: list | None = None) -> biart.BiART:
         if ddp:
             dist.all_reduce(sums)
         raw.train()
-        res = {}
+        res, w = {}, cfg["ref_weight"]
         for d, direction in enumerate(biart.DIRECTIONS):
             s = sums[4 * d:4 * d + 4].tolist()
             res[direction] = {"ref": s[0] / max(s[1], 1), "gen": s[2] / max(s[3], 1),
-                              "loss": (s[0] + s[2]) / max(s[1] + s[3], 1)}
+                              "loss": (w * s[0] + s[2]) / max(w * s[1] + s[3], 1)}
         res["val_loss"] = sum(res[d]["loss"] for d in biart.DIRECTIONS) / len(biart.DIRECTIONS)
         return res
 
@@ -444,10 +451,8 @@ def main(argv: list | None = None) -> biart.BiART:
     tokens_per_seq = mcfg.block_size - 1
     try:  # the bar closes before any error message, which then stays the last line
         while step < cfg["max_steps"]:
-            lr_now = lr * min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] else lr
-            left = cfg["max_steps"] - step  # the warmdown: a function of the step alone, so --resume keeps it
-            if left <= cfg["warmdown_steps"]:
-                lr_now = cfg["min_lr"] + (lr_now - cfg["min_lr"]) * left / cfg["warmdown_steps"]
+            lr_now = data.scheduled_lr(lr, step, cfg["max_steps"], cfg["warmup_steps"], cfg["warmdown_steps"],
+                                       cfg["min_lr"])
             for g in optimizer.param_groups:
                 g["lr"] = lr_now
             t_step = time.time()
@@ -458,7 +463,7 @@ def main(argv: list | None = None) -> biart.BiART:
                 idx, seg, targets = batch_sequences(text, image, direction, mcfg)
                 sync = not ddp or micro == grad_accum - 1
                 with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
-                    _, loss, parts = model(idx, seg, targets)
+                    _, loss, parts = model(idx, seg, targets, ref_weight=cfg["ref_weight"])
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss is {float(loss.detach())} at step {step}: stopping; "
                                         + data.kept_checkpoint(os.path.join(out, "ckpt.pt")))

@@ -212,7 +212,8 @@ def masked_full_vocab_loss(model: BiART, idx, seg, targets):
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                           reduction='none').view(targets.shape)
     loss = nll[valid].mean()
-    return loss, nll[valid & ref].mean(), nll[valid & ~ref].mean()
+    return loss, nll[valid & ref].mean(), nll[valid & ~ref].mean(), nll[valid & ref].sum(), nll[valid & ~ref].sum(), \
+        (valid & ref).sum(), (valid & ~ref).sum()
 
 
 @pytest.mark.parametrize('positions', ['sequence', 'canonical'])
@@ -226,10 +227,14 @@ def test_restricted_loss_equals_masked_full_vocab_loss(positions):
         batches.append(tuple(torch.cat([x[:2], y[2:]]) for x, y in zip(*batches)))
         for idx, seg, targets in batches:
             _, loss, parts = model(idx, seg, targets)
-            ref_loss, ref_part, gen_part = masked_full_vocab_loss(model, idx, seg, targets)
+            ref_loss, ref_part, gen_part, ref_sum, gen_sum, ref_n, gen_n = masked_full_vocab_loss(model, idx, seg, targets)
             torch.testing.assert_close(loss, ref_loss)
             torch.testing.assert_close(parts['ref'], ref_part)
             torch.testing.assert_close(parts['gen'], gen_part)
+            for w in (0.0, 0.25):  # --ref-weight: each condition token counts w, each target token 1
+                _, loss_w, parts_w = model(idx, seg, targets, ref_weight=w)
+                torch.testing.assert_close(loss_w, (w * ref_sum + gen_sum) / (w * ref_n + gen_n))
+                torch.testing.assert_close(parts_w['gen'], gen_part)
             full_logits, full_loss, _ = model(idx, seg, targets, full_vocab=True)
             assert full_logits.shape == (4, c.block_size - 1, c.vocab_size)
             assert full_loss.item() > loss.item() + 1e-3  # the unmasked loss spends mass on impossible ids
