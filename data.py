@@ -1139,7 +1139,8 @@ def autocast_context(device: torch.device, dtype: str) -> tuple:
 
 def resume_settings(cfg: dict, kind: str) -> tuple:
     """For --resume: load OUT/ckpt.pt and return (settings, checkpoint), where the settings are
-    the saved run's, overridden by the flags given explicitly now (cfg['_given'])."""
+    the saved run's, overridden by the flags given explicitly now (cfg['_given']); a setting
+    the checkpoint predates takes its default."""
     if not cfg["out"]:
         raise ValueError("--resume needs --out (the folder of the run to continue)")
     path = os.path.join(cfg["out"], "ckpt.pt")
@@ -1147,7 +1148,20 @@ def resume_settings(cfg: dict, kind: str) -> tuple:
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     ckpt = load_checkpoint(path, kind)
     given = set(cfg["_given"]) - {"resume"}
-    return {**ckpt["train"], **{k: cfg[k] for k in given}, "resume": True}, ckpt
+    defaults = {k: v for k, v in cfg.items() if k != "_given"}
+    return {**defaults, **ckpt["train"], **{k: cfg[k] for k in given}, "resume": True}, ckpt
+
+
+def scheduled_lr(lr: float, step: int, max_steps: int, warmup: int = 0, warmdown: int = 0,
+                 min_lr: float = 0.0) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup from 0 over the first
+    `warmup` steps, then `lr`, then a linear decay to `min_lr` over the last `warmdown` steps of
+    `max_steps`. A function of the step alone, so a resumed run follows it exactly."""
+    now = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+    left = max_steps - step
+    if left <= warmdown:
+        now = min_lr + (now - min_lr) * left / warmdown
+    return now
 
 
 def rng_state() -> dict:

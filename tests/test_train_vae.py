@@ -69,10 +69,14 @@ def test_ml_then_sl_smoke(ml_run, tmp_path):
 
 
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, kill_when_logged):
-    args = ["--ml", *TINY, "--max-steps", "40", "--eval-every", "5", "--ckpt-every", "4", "--plateau-patience", "1"]
+    args = ["--ml", *TINY, "--max-steps", "40", "--eval-every", "5", "--ckpt-every", "4", "--plateau-patience", "1",
+            "--warmdown-steps", "10"]
     full = tmp_path / "full"
     r = run([*args, "--out", str(full)])
     assert r.returncode == 0, r.stderr[-2000:]
+    lrs = {int(l.split()[1]): float(l.split(" lr ")[1].split()[0])
+           for l in (full / "log.txt").read_text().splitlines() if l.startswith("step ")}
+    assert lrs[40] < 0.2 * lrs[30]  # the warmdown: towards --min-lr over the last 10 steps
 
     cut = tmp_path / "cut"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -91,6 +95,18 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, kill_when_logged):
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert "resuming" in (cut / "log.txt").read_text()
+
+
+def test_resume_of_a_checkpoint_older_than_a_setting(ml_run, tmp_path):
+    """A checkpoint written before a flag existed resumes with that flag's default."""
+    out = tmp_path / "old"
+    out.mkdir()
+    c = ckpt(ml_run / "ckpt.pt")
+    del c["train"]["warmdown_steps"]
+    data.save_checkpoint(c, out / "ckpt.pt")
+    r = run(["--resume", "--out", str(out), "--max-steps", "7"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ckpt(out / "ckpt.pt")["step"] == 7
 
 
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
@@ -151,6 +167,7 @@ def test_bf16_autocast_on_cpu_and_codebook_size(tmp_path):
     (["--ml", "--lpips-vgg", "x.pth"], "needs both"),
     (["--ml", "--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA device"),
     (["--ml", "--codebook-size", "-3"], "codebook_size must be >= 1, got -3"),
+    (["--ml", "--warmdown-steps", "-1"], "--warmdown-steps must be >= 0, got -1"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     r = run([*args, "--max-steps", "1"], cwd=tmp_path)
