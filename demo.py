@@ -1,6 +1,6 @@
 """
 The whole L-Verse pipeline on the built-in captioned shapes, timed and measured (the README's
-main job). Nothing to download; about 13 minutes on a 2-core CPU.
+main job). Nothing to download; about 14 minutes on a 2-core CPU.
 
     python demo.py                         # out/: vae_ml, vae_sl, tokens, bpe_shapes.txt.gz, gpt, demo
     python demo.py --num-objects 2 --out out2    # the harder two-object setting
@@ -45,18 +45,20 @@ DEFAULTS = dict(
     out="out",             # everything goes under this folder
     num_objects=1,         # objects per shapes image (1: the demo's targets; 2: with a spatial relation)
     codebook_size=0,       # AugVAE codes (= BiART's image vocabulary); 0 -> the small preset's
-    ml_steps=200,          # AugVAE-ML optimizer steps
-    sl_steps=400,          # AugVAE-SL fine-tuning steps
+    ml_steps=100,          # AugVAE-ML optimizer steps
+    sl_steps=700,          # AugVAE-SL fine-tuning steps
+    sl_warmdown=200,       # AugVAE-SL learning rate decays linearly to ~0 over the last this many steps
     train_size=10000,      # shapes training images encoded for BiART (train_vae draws its own on the fly)
     val_size=256,          # shapes validation images of each training stage
     bpe_vocab=600,         # BPE vocabulary learned from the training captions
-    gpt_steps=1300,        # BiART optimizer steps
+    gpt_steps=1000,        # BiART optimizer steps
     gpt_lr=2e-3,           # BiART learning rate (batch 32)
-    gpt_warmdown=500,      # BiART learning rate decays linearly to ~0 over the last this many steps
+    gpt_warmdown=400,      # BiART learning rate decays linearly to ~0 over the last this many steps
+    gpt_ref_weight=0.2,    # BiART loss weight of condition tokens (train_gpt.py --ref-weight; paper 1)
     dtype="auto",          # training autocast: 'auto' -> bfloat16 where it is fast (see HELP), else float32
     text_len=0,            # BiART text tokens incl. end-of-text; 0 -> the longest training caption + 3
     eval_limit=200,        # images (and captions) evaluated per split
-    caption_candidates=16, # captions sampled per image, reranked by BiART itself
+    caption_candidates=8,  # captions sampled per image, reranked by BiART itself
     image_candidates=16,   # images sampled per caption, reranked by BiART itself
     temperature=0.5,       # sampling temperature, both directions
     top_k=8,               # sampling top-k, both directions
@@ -70,6 +72,8 @@ HELP = dict(
     codebook_size="AugVAE codebook size, which is also BiART's image vocabulary; 0 takes the small preset's",
     ml_steps="AugVAE-ML training steps (train_vae.py --ml --max-steps)",
     sl_steps="AugVAE-SL fine-tuning steps (train_vae.py --sl --max-steps)",
+    sl_warmdown="AugVAE-SL steps at the end over which the learning rate decays linearly to ~0 (train_vae.py "
+                "--warmdown-steps)",
     train_size="shapes training images prepare.py encodes for BiART",
     val_size="shapes validation images evaluated by each training stage",
     bpe_vocab="vocabulary size of the BPE learned from the training captions",
@@ -77,6 +81,9 @@ HELP = dict(
     gpt_lr="BiART learning rate",
     gpt_warmdown="BiART steps at the end over which the learning rate decays linearly to ~0 (train_gpt.py "
                  "--warmdown-steps)",
+    gpt_ref_weight="loss weight of each condition ([REF]) token against a target token's 1 (train_gpt.py "
+                   "--ref-weight): the paper's 1 lets the 64 image tokens of an image->text sequence outweigh its "
+                   "caption; 0.2 learns captions faster in the demo's budget and still models the images",
     dtype="autocast dtype of both training stages: float32, bfloat16, or auto = bfloat16 on a GPU that has it "
           "or on a CPU with AMX / AVX512-BF16 instructions (about 2x faster AugVAE steps there), else float32",
     text_len="BiART text length in tokens incl. end-of-text; 0 -> the longest training caption's + 3 "
@@ -160,6 +167,7 @@ def main(argv: list | None = None) -> dict:
                                               "--seed", seed, "--ckpt-every", every,
                                               "--eval-every", every], vae_ml, cfg["ml_steps"], log))
     stage("vae_sl", lambda: train(train_vae, ["--sl", "--init", os.path.join(vae_ml, "best.pt"), *shapes, *val, *amp,
+                                              "--warmdown-steps", str(min(cfg["sl_warmdown"], cfg["sl_steps"])),
                                               "--seed", seed, "--ckpt-every", every, "--eval-every", every],
                                   vae_sl, cfg["sl_steps"], log))
     tokens = os.path.join(out, "tokens")
@@ -181,6 +189,7 @@ def main(argv: list | None = None) -> dict:
     stage("gpt", lambda: train(train_gpt, ["--tokens", tokens, "--bpe", bpe, "--text-len", str(text_len),
                                            "--bpe-dropout", "0", "--lr", str(cfg["gpt_lr"]), "--seed", seed,
                                            "--warmdown-steps", str(min(cfg["gpt_warmdown"], cfg["gpt_steps"])),
+                                           "--ref-weight", str(cfg["gpt_ref_weight"]),
                                            "--ckpt-every", every, "--eval-every", str(cfg["gpt_steps"])],
                                    gpt, cfg["gpt_steps"], log))
 
