@@ -208,9 +208,9 @@ augvae.AugVAE.forward = faulty
     "train_gpt.py": """
 import biart
 GOOD, calls, forward = 3, 0, biart.BiART.forward
-def faulty(self, *args):  # the loss overflows
+def faulty(self, *args, **kwargs):  # the loss overflows
     global calls
-    logits, loss, parts = forward(self, *args)
+    logits, loss, parts = forward(self, *args, **kwargs)
     calls += self.training
     if self.training and calls > GOOD:
         loss = loss * float("nan")
