@@ -135,6 +135,9 @@ def main(argv: list | None = None) -> dict:
     cfg = data.parse_flags(build_parser, sys.argv[1:] if argv is None else argv)
     if cfg["num_objects"] not in (1, 2):
         raise ValueError(f"--num-objects must be 1 or 2, got {cfg['num_objects']}")
+    for key in ("sl_warmdown", "gpt_warmdown", "gpt_ref_weight"):  # before any stage runs, not minutes in
+        if not cfg[key] >= 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     dtype = cfg["dtype"]
     if dtype == "auto":
         fast = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else data.cpu_has_fast_bf16()

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 TOY = ["--ml-steps", "2", "--sl-steps", "2", "--gpt-steps", "2", "--train-size", "32", "--val-size", "8",
@@ -41,6 +43,12 @@ def test_demo_runs_every_stage_then_resumes_as_a_no_op(tmp_path):
     assert "already prepared" in r.stdout
 
 
-def test_bad_flag_is_a_one_line_error():
-    r = run(["--num-objects", "3"])
-    assert r.returncode == 2 and r.stderr.strip() == "demo.py: error: --num-objects must be 1 or 2, got 3"
+@pytest.mark.parametrize("args, message", [
+    (["--num-objects", "3"], "--num-objects must be 1 or 2, got 3"),
+    (["--gpt-ref-weight", "-1"], "--gpt-ref-weight must be >= 0, got -1.0"),
+    (["--sl-warmdown", "-5"], "--sl-warmdown must be >= 0, got -5"),
+])
+def test_bad_flag_is_a_one_line_error(args, message, tmp_path):
+    r = run([*args, "--out", str(tmp_path)])
+    assert r.returncode == 2 and r.stderr.strip() == f"demo.py: error: {message}", r.stderr[-2000:]
+    assert not (tmp_path / "vae_ml").exists()  # refused before any stage ran
