@@ -15,7 +15,8 @@ the preset or --text-len. The checkpoint records the tokenizer file's path and s
 tokens' meta.json, so a sampler can rebuild and verify both.
 
 Training (SPEC 2): each optimizer step is one direction, alternating text->image and
-image->text (--mix puts half of every batch in each direction); the loss is the NLL of both
+image->text (--mix puts half of every batch in each direction; --t2i-share other than 0.5
+gives text->image that share of the steps or rows instead); the loss is the NLL of both
 the condition ([REF]) and the target ([GEN]) part, each condition token weighted by
 --ref-weight (1: one mean over all tokens). Every draw of a training image picks one
 of its captions and one of its views (the centre one or a prepare.py --crops crop) from a
@@ -66,6 +67,7 @@ DEFAULTS = dict(
     # data
     bpe_dropout=0.1,       # BPE-dropout on training captions (appendix B.2); validation uses none
     mix=False,             # both directions in every batch (half each) instead of alternating per step
+    t2i_share=0.5,         # share of the training sequences in text->image order (paper: 0.5, alternating)
     eval_images=512,       # validation images evaluated (0: all of the val split)
     workers=0,             # DataLoader worker processes
     # optimisation (appendix B.2)
@@ -109,6 +111,8 @@ HELP = dict(
     truncate="cut captions that do not fit text_len (default: stop and name the caption)",
     bpe_dropout="BPE-dropout probability on training captions (paper: 0.1)",
     mix="put both directions in every batch, half each (default: alternate t2i / i2t every optimizer step)",
+    t2i_share="share of the training in text->image order, the rest image->text: 0.5 (paper) alternates the "
+              "steps; 2/3 makes two of every three steps text->image (with --mix: that share of each batch)",
     eval_images="validation images per evaluation (0: the whole val split)",
     workers="DataLoader worker processes (0 loads in the main process)",
     batch_size="sequences per process per micro-step",
@@ -231,12 +235,18 @@ class TokenCaptions(torch.utils.data.Dataset):
         return text, torch.from_numpy(image.astype(np.int64))  # (text_len,), (image_len,)
 
 
+def step_direction(step: int, t2i_share: float) -> str:
+    """The direction of optimizer step `step`: text->image on t2i_share of the steps, spread evenly
+    (0.5: t2i, i2t, t2i, ... as the paper alternates; 2/3: t2i, t2i, i2t, ...)."""
+    return "t2i" if math.ceil((step + 1) * t2i_share - 1e-9) > math.ceil(step * t2i_share - 1e-9) else "i2t"
+
+
 def batch_sequences(text: torch.Tensor, image: torch.Tensor, direction: str,
-                    config: biart.BiARTConfig) -> tuple:
-    """(idx, seg, targets) for one direction, or 'mix': the first half t2i, the second i2t."""
+                    config: biart.BiARTConfig, t2i_share: float = 0.5) -> tuple:
+    """(idx, seg, targets) for one direction, or 'mix': the first t2i_share of the rows t2i, the rest i2t."""
     if direction != "mix":
         return biart.build_sequence(text, image, direction, config)
-    h = text.size(0) // 2
+    h = round(text.size(0) * t2i_share)
     a = biart.build_sequence(text[:h], image[:h], "t2i", config)
     b = biart.build_sequence(text[h:], image[h:], "i2t", config)
     return tuple(torch.cat([x, y]) for x, y in zip(a, b))
@@ -292,8 +302,11 @@ def main(argv: list | None = None) -> biart.BiART:
         raise ValueError(f"--ref-weight must be >= 0, got {cfg['ref_weight']}")
     if not 0.0 <= cfg["bpe_dropout"] < 1.0:
         raise ValueError(f"--bpe-dropout must be in [0, 1), got {cfg['bpe_dropout']}")
-    if cfg["mix"] and cfg["batch_size"] % 2:
-        raise ValueError(f"--mix needs an even --batch-size (half per direction), got {cfg['batch_size']}")
+    if not 0.0 < cfg["t2i_share"] < 1.0:
+        raise ValueError(f"--t2i-share must be between 0 and 1 (both directions train), got {cfg['t2i_share']}")
+    if cfg["mix"] and not 0 < round(cfg["batch_size"] * cfg["t2i_share"]) < cfg["batch_size"]:
+        raise ValueError(f"--mix with --t2i-share {cfg['t2i_share']} leaves one direction no row of "
+                         f"--batch-size {cfg['batch_size']}")
     total_batch = cfg["total_batch"] or cfg["batch_size"] * world
     if total_batch % (cfg["batch_size"] * world):
         raise ValueError(f"--total-batch {total_batch} is not a multiple of --batch-size {cfg['batch_size']} "
@@ -386,7 +399,8 @@ def main(argv: list | None = None) -> biart.BiART:
         f"{mcfg.image_len}, vocab {mcfg.vocab_size} (image {mcfg.image_vocab}, text {mcfg.text_vocab}); "
         f"{world} process(es) on {device}, {str(dtype).replace('torch.', '')}, batch {total_batch} (accumulation {grad_accum}), "
         f"lr {lr:.3g}, step {step}/{cfg['max_steps']}, "
-        + ("both directions per batch" if cfg["mix"] else "alternating t2i / i2t per step"))
+        + ("both directions per batch" if cfg["mix"] else "alternating t2i / i2t per step")
+        + (f", text->image share {cfg['t2i_share']:g}" if cfg["t2i_share"] != 0.5 else ""))
     log(f"data: {len(train_ds)} training images ({sum(map(len, train_ds.captions))} captions"
         + (f", {train_ds.crops.shape[1]} crops each" if train_ds.crops is not None else "")
         + f"), {n_val} validation images; tokenizer {tok_info['path']} ({tok.vocab_size} ids)"
@@ -456,11 +470,11 @@ def main(argv: list | None = None) -> biart.BiART:
             for g in optimizer.param_groups:
                 g["lr"] = lr_now
             t_step = time.time()
-            direction = "mix" if cfg["mix"] else biart.DIRECTIONS[step % 2]  # SPEC 2: alternate every step
+            direction = "mix" if cfg["mix"] else step_direction(step, cfg["t2i_share"])  # SPEC 2: alternate
             for micro in range(grad_accum):
                 text, image = next(loader)
                 text, image = text.to(device, non_blocking=True), image.to(device, non_blocking=True)
-                idx, seg, targets = batch_sequences(text, image, direction, mcfg)
+                idx, seg, targets = batch_sequences(text, image, direction, mcfg, cfg["t2i_share"])
                 sync = not ddp or micro == grad_accum - 1
                 with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
                     _, loss, parts = model(idx, seg, targets, ref_weight=cfg["ref_weight"])

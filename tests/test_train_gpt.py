@@ -103,6 +103,14 @@ def test_smoke_checkpoint_and_log(setup, tmp_path):
     log = (mixed / "log.txt").read_text()
     assert "both directions per batch" in log and "accumulation 2" in log and "step 2 mix loss" in log
 
+    shared = tmp_path / "share"  # three text->image steps in four
+    r = run([*base(setup), "--t2i-share", "0.75", "--max-steps", "8", "--eval-every", "8", "--out", str(shared)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (shared / "log.txt").read_text()
+    assert "text->image share 0.75" in log
+    steps = [l.split()[2] for l in log.splitlines() if l.startswith("step ")]
+    assert steps == ["t2i", "t2i", "t2i", "i2t"] * 2
+
 
 def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path, kill_when_logged):
     args = [*base(setup), "--max-steps", "80", "--eval-every", "5", "--ckpt-every", "4", "--plateau-patience", "1",
@@ -189,6 +197,8 @@ def wrong_files(setup, tmp_path_factory):
     (["--positions", "absolute"], "BiARTConfig.positions: bad value 'absolute'"),
     (["--warmdown-steps", "-5"], "--warmdown-steps must be >= 0"),
     (["--ref-weight", "-1"], "--ref-weight must be >= 0, got -1"),
+    (["--t2i-share", "1"], "--t2i-share must be between 0 and 1"),
+    (["--mix", "--t2i-share", "0.1"], "leaves one direction no row of --batch-size 4"),
     (["--lr", "1e30", "--grad-clip", "0", "--ckpt-every", "1"], "at step 1: stopping; the last good checkpoint"),
 ])
 def test_bad_input_gives_one_line_error(args, message, setup, wrong_files, tmp_path):
@@ -210,3 +220,15 @@ def test_truncate_cuts_long_captions(setup, tmp_path):
     r = run([*base(setup), "--text-len", "8", "--truncate", "--max-steps", "1", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "caption(s) truncated to text_len" in (out / "log.txt").read_text()
+
+
+def test_t2i_share_spreads_directions_over_steps_and_batch_rows():
+    import train_gpt
+    assert [train_gpt.step_direction(s, 0.5) for s in range(4)] == ["t2i", "i2t", "t2i", "i2t"]  # the paper's
+    assert [train_gpt.step_direction(s, 2 / 3) for s in range(6)] == ["t2i", "t2i", "i2t"] * 2
+    assert sum(train_gpt.step_direction(s, 0.7) == "t2i" for s in range(1000)) == 700
+    c = biart.BiARTConfig(n_layer=1, n_head=1, n_embd=8, text_len=4, image_len=4, image_vocab=8, text_vocab=10)
+    text = torch.stack([biart.caption_to_model([1, 2], c)] * 4)
+    image = torch.randint(0, 8, (4, 4))
+    idx, seg, targets = train_gpt.batch_sequences(text, image, "mix", c, t2i_share=0.75)
+    assert idx[:, 0].tolist() == [c.soc_id] * 3 + [c.soi_id]  # three rows text->image, one image->text
