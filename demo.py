@@ -1,6 +1,6 @@
 """
 The whole L-Verse pipeline on the built-in captioned shapes, timed and measured (the README's
-main job). Nothing to download; about 14 minutes on a 2-core CPU.
+main job). Nothing to download; under 15 minutes on a 2-core CPU.
 
     python demo.py                         # out/: vae_ml, vae_sl, tokens, bpe_shapes.txt.gz, gpt, demo
     python demo.py --num-objects 2 --out out2    # the harder two-object setting
@@ -55,6 +55,7 @@ DEFAULTS = dict(
     gpt_lr=2e-3,           # BiART learning rate (batch 32)
     gpt_warmdown=400,      # BiART learning rate decays linearly to ~0 over the last this many steps
     gpt_ref_weight=0.2,    # BiART loss weight of condition tokens (train_gpt.py --ref-weight; paper 1)
+    gpt_t2i_share=0.667,   # BiART steps in text->image order (train_gpt.py --t2i-share; paper 0.5)
     dtype="auto",          # training autocast: 'auto' -> bfloat16 where it is fast (see HELP), else float32
     text_len=0,            # BiART text tokens incl. end-of-text; 0 -> the longest training caption + 3
     eval_limit=200,        # images (and captions) evaluated per split
@@ -84,6 +85,8 @@ HELP = dict(
     gpt_ref_weight="loss weight of each condition ([REF]) token against a target token's 1 (train_gpt.py "
                    "--ref-weight): the paper's 1 lets the 64 image tokens of an image->text sequence outweigh its "
                    "caption; 0.2 learns captions faster in the demo's budget and still models the images",
+    gpt_t2i_share="share of the BiART steps in text->image order (train_gpt.py --t2i-share): the paper's 0.5 "
+                  "alternates; 2/3 gives drawing two steps in three, as captions are learned sooner",
     dtype="autocast dtype of both training stages: float32, bfloat16, or auto = bfloat16 on a GPU that has it "
           "or on a CPU with AMX / AVX512-BF16 instructions (about 2x faster AugVAE steps there), else float32",
     text_len="BiART text length in tokens incl. end-of-text; 0 -> the longest training caption's + 3 "
@@ -138,6 +141,8 @@ def main(argv: list | None = None) -> dict:
     for key in ("sl_warmdown", "gpt_warmdown", "gpt_ref_weight"):  # before any stage runs, not minutes in
         if not cfg[key] >= 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    if not 0 < cfg["gpt_t2i_share"] < 1:
+        raise ValueError(f"--gpt-t2i-share must be between 0 and 1, got {cfg['gpt_t2i_share']}")
     dtype = cfg["dtype"]
     if dtype == "auto":
         fast = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else data.cpu_has_fast_bf16()
@@ -171,7 +176,8 @@ def main(argv: list | None = None) -> dict:
                                               "--eval-every", every], vae_ml, cfg["ml_steps"], log))
     stage("vae_sl", lambda: train(train_vae, ["--sl", "--init", os.path.join(vae_ml, "best.pt"), *shapes, *val, *amp,
                                               "--warmdown-steps", str(min(cfg["sl_warmdown"], cfg["sl_steps"])),
-                                              "--seed", seed, "--ckpt-every", every, "--eval-every", every],
+                                              "--seed", seed, "--ckpt-every", every,
+                                              "--eval-every", str(cfg["sl_steps"])],  # one evaluation, at the end
                                   vae_sl, cfg["sl_steps"], log))
     tokens = os.path.join(out, "tokens")
     stage("prepare", lambda: prepare.main(["--vae", os.path.join(vae_sl, "best.pt"), "--out", tokens, *shapes, *val,
@@ -193,6 +199,7 @@ def main(argv: list | None = None) -> dict:
                                            "--bpe-dropout", "0", "--lr", str(cfg["gpt_lr"]), "--seed", seed,
                                            "--warmdown-steps", str(min(cfg["gpt_warmdown"], cfg["gpt_steps"])),
                                            "--ref-weight", str(cfg["gpt_ref_weight"]),
+                                           "--t2i-share", str(cfg["gpt_t2i_share"]),
                                            "--ckpt-every", every, "--eval-every", str(cfg["gpt_steps"])],
                                    gpt, cfg["gpt_steps"], log))
 
