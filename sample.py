@@ -16,8 +16,7 @@ captions above their images.
 
 Reranking (--rerank): the paper reranks with CLIP. BiART reads both orders, so by default
 ('self') it scores each candidate with the OTHER direction's likelihood: a drawn image by
-log p(caption | image), the image being its decoded picture encoded again (what the user sees,
-as CLIP would see it), a caption by log p(image tokens | caption). 'clip' uses a local CLIP
+log p(caption | image), a caption by log p(image tokens | caption). 'clip' uses a local CLIP
 TorchScript file (OpenAI's released ViT-B-32.pt and friends are such files) given with
 --clip-model: cosine similarity of CLIP's image and text embeddings; 'none' keeps the order
 of sampling (the first candidate wins).
@@ -229,19 +228,6 @@ class Sampler:
         """(B, image_len) image ids -> (B, 3, S, S) images in [-1, 1], AugVAE in fp32."""
         return self.vae.decode(ids.view(-1, self.grid, self.grid).to(self.device)).clamp(-1, 1).float()
 
-    @torch.no_grad()
-    def reencode(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, image_len) drawn image ids -> the ids of the pictures they decode to (as 8-bit
-        pixels, what a user sees and saves), encoded again. Self-reranking scores these: drawn
-        token grids can be combinations no real image encodes to, on which the captioning
-        direction (trained on encoded real images) reads shapes less reliably (README, shapes)."""
-        out = []
-        for i in range(0, ids.size(0), self.batch_size):
-            pixels = data.to_uint8(self.decode_images(ids[i:i + self.batch_size]))  # (b, S, S, 3)
-            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(self.device)
-            out.append(self.vae.encode(x).flatten(1).cpu())
-        return torch.cat(out)
-
     # --- batched BiART calls ---
     def _generate(self, cond: torch.Tensor, direction: str, n: int, length: int | None, temperature: float,
                   top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -322,16 +308,15 @@ class Sampler:
              top_p: float = 0.0, generator: torch.Generator | None = None, captions: list | None = None
              ) -> list:
         """(B, text_len) model text ids -> per caption, (image ids (n, image_len), scores (n,) or
-        None) in sampling order. 'self' scores log p(caption | picture): the candidate's decoded
-        8-bit picture, encoded again (reencode); 'clip' decodes every candidate and needs the
-        caption strings; 'none' gives no scores."""
+        None) in sampling order. 'self' scores log p(caption | image); 'clip' decodes every
+        candidate and needs the caption strings; 'none' gives no scores."""
         gen = self._generate(text, "t2i", n, None, temperature, top_k, top_p, generator)
         results = []
         for b in range(text.size(0)):
             ids = gen[b * n:(b + 1) * n]
             scores = None
             if rerank == "self":
-                scores = self._score(self.reencode(ids), text[b:b + 1], "i2t")
+                scores = self._score(ids, text[b:b + 1], "i2t")
             elif rerank == "clip":
                 images = torch.cat([self.decode_images(ids[i:i + self.batch_size])
                                     for i in range(0, n, self.batch_size)])
