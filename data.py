@@ -1137,6 +1137,13 @@ def autocast_context(device: torch.device, dtype: str) -> tuple:
     return (torch.autocast(device.type, dtype=dt) if amp else contextlib.nullcontext()), dt, amp
 
 
+def require_nonnegative(cfg: dict, keys) -> None:
+    """A ValueError naming the first of these flags whose value is not >= 0 (nan included)."""
+    for key in keys:
+        if not cfg[key] >= 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+
+
 def resume_settings(cfg: dict, kind: str) -> tuple:
     """For --resume: load OUT/ckpt.pt and return (settings, checkpoint), where the settings are
     the saved run's, overridden by the flags given explicitly now (cfg['_given']); a setting

@@ -138,9 +138,7 @@ def main(argv: list | None = None) -> dict:
     cfg = data.parse_flags(build_parser, sys.argv[1:] if argv is None else argv)
     if cfg["num_objects"] not in (1, 2):
         raise ValueError(f"--num-objects must be 1 or 2, got {cfg['num_objects']}")
-    for key in ("sl_warmdown", "gpt_warmdown", "gpt_ref_weight"):  # before any stage runs, not minutes in
-        if not cfg[key] >= 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    data.require_nonnegative(cfg, ("sl_warmdown", "gpt_warmdown", "gpt_ref_weight"))  # before any stage, not minutes in
     if not 0 < cfg["gpt_t2i_share"] < 1:
         raise ValueError(f"--gpt-t2i-share must be between 0 and 1, got {cfg['gpt_t2i_share']}")
     dtype = cfg["dtype"]

@@ -295,11 +295,7 @@ def main(argv: list | None = None) -> biart.BiART:
     for key in ("batch_size", "max_steps", "log_every", "eval_every", "ckpt_every"):
         if cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    if cfg["warmdown_steps"] < 0 or cfg["warmup_steps"] < 0:
-        raise ValueError(f"--warmup-steps and --warmdown-steps must be >= 0, got {cfg['warmup_steps']}, "
-                         f"{cfg['warmdown_steps']}")
-    if not cfg["ref_weight"] >= 0.0:  # also refuses nan
-        raise ValueError(f"--ref-weight must be >= 0, got {cfg['ref_weight']}")
+    data.require_nonnegative(cfg, ("warmup_steps", "warmdown_steps", "ref_weight"))
     if not 0.0 <= cfg["bpe_dropout"] < 1.0:
         raise ValueError(f"--bpe-dropout must be in [0, 1), got {cfg['bpe_dropout']}")
     if not 0.0 < cfg["t2i_share"] < 1.0:

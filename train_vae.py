@@ -208,8 +208,7 @@ def main(argv: list | None = None) -> augvae.AugVAE:
         raise ValueError("--sl needs --init ML_CHECKPOINT (the trained AugVAE-ML)")
     if cfg["max_steps"] <= 0:
         cfg["max_steps"] = {"ml": 400, "sl": 1000}[stage]
-    if cfg["warmdown_steps"] < 0:
-        raise ValueError(f"--warmdown-steps must be >= 0, got {cfg['warmdown_steps']}")
+    data.require_nonnegative(cfg, ("warmdown_steps",))
     if cfg["fg_weight"] < 0:
         cfg["fg_weight"] = 10.0 if cfg["data"] == "shapes" else 1.0
 
