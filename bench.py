@@ -280,11 +280,11 @@ def mean_load(*results) -> float | None:
 # row 1 baseline: a straightforward minGPT-style BiART (parameter names match BiART's, so the
 # same weights load into both and the losses can be compared, tests/test_bench.py)
 
-class NewGELU(nn.Module):
-    """minGPT's GELU, written out (tanh approximation)."""
+class ErfGELU(nn.Module):
+    """The exact GELU (BiART's), written out from the error function."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
 class BaselineAttention(nn.Module):
@@ -322,7 +322,7 @@ class BaselineBlock(nn.Module):
         self.mlp = nn.ModuleDict(dict(
             c_fc=nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias),
             c_proj=nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias),
-            act=NewGELU(), dropout=nn.Dropout(config.dropout)))
+            act=ErfGELU(), dropout=nn.Dropout(config.dropout)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))

@@ -51,9 +51,9 @@ DEFAULTS = dict(
     train_size=10000,      # shapes training images encoded for BiART (train_vae draws its own on the fly)
     val_size=256,          # shapes validation images of each training stage
     bpe_vocab=600,         # BPE vocabulary learned from the training captions
-    gpt_steps=1000,        # BiART optimizer steps
+    gpt_steps=1600,        # BiART optimizer steps
     gpt_lr=2e-3,           # BiART learning rate (batch 32)
-    gpt_warmdown=400,      # BiART learning rate decays linearly to ~0 over the last this many steps
+    gpt_warmdown=600,      # BiART learning rate decays linearly to ~0 over the last this many steps
     gpt_ref_weight=0.2,    # BiART loss weight of condition tokens (train_gpt.py --ref-weight; paper 1)
     gpt_t2i_share=0.667,   # BiART steps in text->image order (train_gpt.py --t2i-share; paper 0.5)
     dtype="auto",          # training autocast: 'auto' -> bfloat16 where it is fast (see HELP), else float32
@@ -63,6 +63,7 @@ DEFAULTS = dict(
     image_candidates=16,   # images sampled per caption, reranked by BiART itself
     temperature=0.5,       # sampling temperature, both directions
     top_k=8,               # sampling top-k, both directions
+    guidance=1.75,         # text -> image guidance scale (sample.py --guidance; 1: off, the paper)
     ckpt_every=100,        # training checkpoints (what a kill can lose)
     seed=0,
 )
@@ -88,7 +89,8 @@ HELP = dict(
     gpt_t2i_share="share of the BiART steps in text->image order (train_gpt.py --t2i-share): the paper's 0.5 "
                   "alternates; 2/3 gives drawing two steps in three, as captions are learned sooner",
     dtype="autocast dtype of both training stages: float32, bfloat16, or auto = bfloat16 on a GPU that has it "
-          "or on a CPU with AMX / AVX512-BF16 instructions (about 2x faster AugVAE steps there), else float32",
+          "or on a CPU with AMX / AVX512-BF16 instructions (AugVAE steps about 2x, BiART steps 1.6x faster "
+          "there), else float32",
     text_len="BiART text length in tokens incl. end-of-text; 0 -> the longest training caption's + 3 "
              "(the end-of-text and 2 to spare)",
     eval_limit="test and held-out images evaluated in each direction",
@@ -96,6 +98,9 @@ HELP = dict(
     image_candidates="images sampled per caption and reranked by log p(caption | image)",
     temperature="sampling temperature in both directions",
     top_k="sampling top-k in both directions",
+    guidance="text->image guidance scale (sample.py --guidance): each image token is sampled from "
+             "uncond + S x (cond - uncond) logits, uncond being BiART's image model with no caption (the "
+             "condition part of its image->text order); 1 is the paper's plain sampling",
     ckpt_every="steps between training checkpoints",
     seed="seed of every stage",
 )
@@ -141,6 +146,7 @@ def main(argv: list | None = None) -> dict:
     data.require_nonnegative(cfg, ("sl_warmdown", "gpt_warmdown", "gpt_ref_weight"))  # before any stage, not minutes in
     if not 0 < cfg["gpt_t2i_share"] < 1:
         raise ValueError(f"--gpt-t2i-share must be between 0 and 1, got {cfg['gpt_t2i_share']}")
+    sample.check_guidance(cfg["guidance"])
     dtype = cfg["dtype"]
     if dtype == "auto":
         fast = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else data.cpu_has_fast_bf16()
@@ -197,12 +203,13 @@ def main(argv: list | None = None) -> dict:
                                            "--bpe-dropout", "0", "--lr", str(cfg["gpt_lr"]), "--seed", seed,
                                            "--warmdown-steps", str(min(cfg["gpt_warmdown"], cfg["gpt_steps"])),
                                            "--ref-weight", str(cfg["gpt_ref_weight"]),
-                                           "--t2i-share", str(cfg["gpt_t2i_share"]),
+                                           "--t2i-share", str(cfg["gpt_t2i_share"]), *amp,
                                            "--ckpt-every", every, "--eval-every", str(cfg["gpt_steps"])],
                                    gpt, cfg["gpt_steps"], log))
 
     models = ["--vae", os.path.join(vae_sl, "best.pt"), "--gpt", os.path.join(gpt, "ckpt.pt")]
-    sampling = ["--temperature", str(cfg["temperature"]), "--top-k", str(cfg["top_k"])]
+    sampling = ["--temperature", str(cfg["temperature"]), "--top-k", str(cfg["top_k"]),
+                "--guidance", str(cfg["guidance"])]
     res = {}
     stage("evaluate", lambda: res.update(evaluate.main([
         "shapes", *models, *sampling, *shapes, "--limit", str(cfg["eval_limit"]), "--splits", "test,heldout",

@@ -1158,12 +1158,14 @@ def _add_sampling_args(p: argparse.ArgumentParser, candidates: int, temperature:
     p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=top_k, help="sampling top-k (0: off)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0: off)")
+    p.add_argument("--guidance", type=float, default=1.0, help=sample.GUIDANCE_HELP)
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling")
 
 
 def _sampler(args, device) -> sample.Sampler:
     if args.num_candidates < 1:
         raise ValueError(f"--num-candidates must be >= 1, got {args.num_candidates}")
+    sample.check_guidance(args.guidance)
     s = sample.Sampler(args.vae, args.gpt, args.bpe, str(device), "auto", args.batch_size)
     if args.rerank == "clip":
         s.load_clip(args.clip_model)
@@ -1270,7 +1272,7 @@ def run_t2i(args) -> dict:
         except ValueError as e:
             skipped.append([name, str(e)])
             continue
-        ids, scores = s.draw(text, args.num_candidates, captions=[caption], **kw)[0]
+        ids, scores = s.draw(text, args.num_candidates, captions=[caption], guidance=args.guidance, **kw)[0]
         pick = sample.best_first(scores.tolist())[0] if scores is not None else 0
         stem = f"{len(rows):06d}"
         Image.fromarray(data.to_uint8(s.decode_images(ids[pick:pick + 1]))[0]).save(os.path.join(gen_dir, stem + ".png"))
@@ -1299,7 +1301,8 @@ def _mean_matches(matches: list) -> dict:
 @torch.no_grad()
 def shapes_metrics(sampler: sample.Sampler, split: str = "test", num_objects: int = 1, limit: int = 200,
                    caption_candidates: int = 8, image_candidates: int = 8, temperature: float = 0.5,
-                   top_k: int = 8, seed: int = 0, directions=("i2t", "t2i"), group: int = 8) -> dict:
+                   top_k: int = 8, seed: int = 0, directions=("i2t", "t2i"), group: int = 8,
+                   guidance: float = 1.0) -> dict:
     """Exact attribute accuracy of BiART on the first `limit` examples of a shapes split, per
     attribute and all-correct ('exact'), both for the first sample ('none': no reranking) and
     the self-reranked best ('self') of the same candidates. Image -> text: the caption is
@@ -1327,7 +1330,7 @@ def shapes_metrics(sampler: sample.Sampler, split: str = "test", num_objects: in
         for i in tqdm(range(0, limit, group), desc=f"{split} text->image", leave=False, dynamic_ncols=True):
             captions = [e.captions[(i + j) % len(e.captions)] for j, e in enumerate(examples[i:i + group])]
             text = torch.stack([sampler.caption_ids(c) for c in captions])
-            for j, (ids, scores) in enumerate(sampler.draw(text, image_candidates, **kw)):
+            for j, (ids, scores) in enumerate(sampler.draw(text, image_candidates, guidance=guidance, **kw)):
                 pick = sample.best_first(scores.tolist())[0]
                 first, best = data.to_uint8(sampler.decode_images(ids[[0, pick]]))
                 res["none"].append(data.match_attributes(data.analyze_image(first, num_objects), truths[i + j]))
@@ -1347,6 +1350,7 @@ def add_shapes_args(p: argparse.ArgumentParser):
     p.add_argument("--image-candidates", type=int, default=8, help="images sampled per caption")
     p.add_argument("--temperature", type=float, default=0.5, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=8, help="sampling top-k (0: off)")
+    p.add_argument("--guidance", type=float, default=1.0, help=sample.GUIDANCE_HELP)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=128, help="sequences per BiART forward pass")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
@@ -1363,11 +1367,13 @@ def run_shapes(args) -> dict:
         raise ValueError("--limit, --caption-candidates and --image-candidates must be >= 1")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sample.check_guidance(args.guidance)
     s = sample.Sampler(args.vae, args.gpt, args.bpe, str(_device(args.device)), "auto", args.batch_size)
     results = {"settings": {k: v for k, v in vars(args).items() if k != "json"}}
     for split in splits:
         results[split] = shapes_metrics(s, split, args.num_objects, args.limit, args.caption_candidates,
-                                        args.image_candidates, args.temperature, args.top_k, args.seed, directions)
+                                        args.image_candidates, args.temperature, args.top_k, args.seed, directions,
+                                        guidance=args.guidance)
     keys = ["shape", "colour", "size", "position"] + (["relation"] if args.num_objects == 2 else []) + ["exact"]
     print(f"shapes: {args.limit} examples per split, {args.num_objects} object(s); exact = every attribute right; "
           f"candidates {args.caption_candidates} captions / {args.image_candidates} images, "
@@ -1540,6 +1546,7 @@ def add_fashion_args(p: argparse.ArgumentParser):
     p.add_argument("--image-candidates", type=int, default=8, help="images sampled per caption")
     p.add_argument("--temperature", type=float, default=0.5, help="sampling temperature, both directions")
     p.add_argument("--top-k", type=int, default=0, help="sampling top-k, both directions (0: off)")
+    p.add_argument("--guidance", type=float, default=1.0, help=sample.GUIDANCE_HELP)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--grid-columns", type=int, default=10, help="images per class row in the grids")
     p.add_argument("--out", default=os.path.join("out", "eval", "fashion"),
@@ -1597,13 +1604,14 @@ def heldout_prompts(s: sample.Sampler, per_class: int) -> tuple:
 
 
 @torch.no_grad()
-def fashion_t2i(s: sample.Sampler, text: torch.Tensor, candidates: int, kw: dict, group: int = 16) -> dict:
+def fashion_t2i(s: sample.Sampler, text: torch.Tensor, candidates: int, kw: dict, group: int = 16,
+                guidance: float = 1.0) -> dict:
     """Draw one image per caption (rows of `text`, model ids) -> {'none': the first sample of
     each, 'self': the self-reranked best of the same candidates}, each (n, 3, S, S) in [-1, 1]
     holding what a saved 8-bit PNG would."""
     picked = {"none": [], "self": []}
     for i in tqdm(range(0, len(text), group), desc="fashion text->image", leave=False, dynamic_ncols=True):
-        for ids, scores in s.draw(text[i:i + group], candidates, **kw):
+        for ids, scores in s.draw(text[i:i + group], candidates, guidance=guidance, **kw):
             picked["none"].append(ids[0])
             picked["self"].append(ids[sample.best_first(scores.tolist())[0]])
     images = {}
@@ -1622,6 +1630,7 @@ def run_fashion(args) -> dict:
         raise ValueError("--limit must be >= 0, --per-class >= 2, --caption-candidates and --image-candidates >= 1")
     if args.batch_size < 1 or args.classifier_epochs < 1 or args.grid_columns < 1 or args.temperature <= 0:
         raise ValueError("--batch-size, --classifier-epochs and --grid-columns must be >= 1, --temperature > 0")
+    sample.check_guidance(args.guidance)
     device = _device(args.device)
     test_pixels, test_labels = data.read_fashion_mnist(args.fashion_root, "test")
     s = sample.Sampler(args.vae, args.gpt, args.bpe, str(device), "auto", args.batch_size)

@@ -48,6 +48,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's input normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_CONTEXT = 77  # CLIP's text length: start, BPE ids, end, zeros
 RERANKERS = ("self", "clip", "none")
+GUIDANCE_HELP = ("text->image guidance scale: each image token samples from uncond + S x (cond - uncond) "
+                 "logits, uncond being BiART's own unconditional image model (its image->text order); "
+                 "1: plain conditional sampling (the paper), > 1 follows the caption more closely")
 
 # -----------------------------------------------------------------------------------------
 # defaults: each is the flag of the same name (underscores become dashes)
@@ -67,6 +70,7 @@ DEFAULTS = dict(
     temperature=1.0,       # softmax temperature of the sampling
     top_k=0,               # sample from the k most likely tokens only (0: all)
     top_p=0.0,             # nucleus sampling: the smallest set with this much probability (0: off)
+    guidance=1.0,          # text -> image guidance scale (1: off, the paper)
     caption_len=32,        # tokens sampled per caption (the paper's 32), cut at the first full stop
     show_all=False,        # print every candidate with its score, not just the best
     seed=0,
@@ -92,6 +96,7 @@ HELP = dict(
     temperature="sampling temperature (lower: more conservative)",
     top_k="sample from the k most likely tokens of the target modality (0: no limit)",
     top_p="nucleus sampling threshold in (0, 1] (0: off)",
+    guidance=GUIDANCE_HELP,
     caption_len="tokens sampled per caption (at most the model's text length); each is cut at its first full stop",
     show_all="print every candidate with its score",
     seed="random seed: the same seed gives the same output for an input",
@@ -230,7 +235,7 @@ class Sampler:
 
     # --- batched BiART calls ---
     def _generate(self, cond: torch.Tensor, direction: str, n: int, length: int | None, temperature: float,
-                  top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+                  top_k: int, top_p: float, generator: torch.Generator | None, guidance: float = 1.0) -> torch.Tensor:
         """n samples per row of cond, at most batch_size sequences per call -> (B * n, length)."""
         outs = []
         per_call = max(1, self.batch_size // n)  # conditions per call when n fits a batch
@@ -244,7 +249,7 @@ class Sampler:
                 with self.ctx:
                     outs.append(self.gpt.generate(cc, direction, num_samples=m, length=length,
                                                   temperature=temperature, top_k=top_k or None,
-                                                  top_p=top_p or None, generator=generator))
+                                                  top_p=top_p or None, generator=generator, guidance=guidance))
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -305,12 +310,13 @@ class Sampler:
 
     @torch.no_grad()
     def draw(self, text: torch.Tensor, n: int, rerank: str = "self", temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 0.0, generator: torch.Generator | None = None, captions: list | None = None
-             ) -> list:
+             top_p: float = 0.0, generator: torch.Generator | None = None, captions: list | None = None,
+             guidance: float = 1.0) -> list:
         """(B, text_len) model text ids -> per caption, (image ids (n, image_len), scores (n,) or
         None) in sampling order. 'self' scores log p(caption | image); 'clip' decodes every
-        candidate and needs the caption strings; 'none' gives no scores."""
-        gen = self._generate(text, "t2i", n, None, temperature, top_k, top_p, generator)
+        candidate and needs the caption strings; 'none' gives no scores. guidance != 1 guides
+        the sampling against BiART's unconditional image model (biart.py: Guidance)."""
+        gen = self._generate(text, "t2i", n, None, temperature, top_k, top_p, generator, guidance)
         results = []
         for b in range(text.size(0)):
             ids = gen[b * n:(b + 1) * n]
@@ -417,6 +423,12 @@ def check_settings(cfg: dict) -> None:
         raise ValueError("--num-candidates must be >= 0, and --keep, --batch-size, --caption-len >= 1")
     if cfg["temperature"] <= 0 or cfg["top_k"] < 0 or not 0 <= cfg["top_p"] <= 1:
         raise ValueError("--temperature must be > 0, --top-k >= 0 and --top-p in [0, 1]")
+    check_guidance(cfg["guidance"])
+
+
+def check_guidance(guidance: float) -> None:
+    if not guidance >= 0:  # NaN too
+        raise ValueError(f"--guidance must be >= 0 (1: off), got {guidance}")
 
 
 def main(argv: list | None = None) -> list:
@@ -455,7 +467,8 @@ def main(argv: list | None = None) -> list:
             else:
                 text = sampler.caption_ids(value)[None]
                 n = cfg["num_candidates"] or 64
-                ids, scores = sampler.draw(text, n, generator=g, captions=[value], **sample_kw)[0]
+                ids, scores = sampler.draw(text, n, generator=g, captions=[value], guidance=cfg["guidance"],
+                                           **sample_kw)[0]
                 if scores is not None:
                     order = best_first(scores.tolist())
                     ids, scores = ids[order], scores[order]

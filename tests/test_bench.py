@@ -47,7 +47,7 @@ def test_baseline_and_biart_losses_agree_on_the_same_weights():
         idx, seg, targets = biart.build_sequence(text, image, direction, config)
         full_logits, full_loss, _ = ours(idx, seg, targets, full_vocab=True)
         base_logits, base_loss = base(idx, seg, targets)
-        assert torch.allclose(base_logits, full_logits, atol=1e-5)  # manual attention, NewGELU: same model
+        assert torch.allclose(base_logits, full_logits, atol=1e-5)  # manual attention, written-out GELU: same model
         assert torch.allclose(base_loss, full_loss, atol=1e-5)  # the full-vocabulary loss
         # the fast restricted loss = the baseline's logits with each position's impossible ids masked
         _, loss, _ = ours(idx, seg, targets)

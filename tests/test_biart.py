@@ -321,6 +321,71 @@ def test_generate_cache_equals_nocache(direction, num_samples, top_k, top_p, tem
         assert ended.any()  # the EOT path is exercised
 
 
+@pytest.mark.parametrize('direction', ['t2i', 'i2t'])
+@pytest.mark.parametrize('guidance', [0.0, 2.5])
+@pytest.mark.parametrize('positions', ['sequence', 'canonical'])
+def test_guided_generate_cache_equals_nocache(direction, guidance, positions):
+    c = tiny_config(positions=positions)
+    model = make_model(c, double=True, sharpen=8.0)
+    favour_tokens(model, torch.tensor([c.eot_id]), strength=4.0)
+    text, image = random_batch(c, 3, seed=6)
+    cond = text if direction == 't2i' else image
+    kwargs = dict(num_samples=2, top_k=5, temperature=0.9, guidance=guidance)
+    a = model.generate(cond, direction, generator=torch.Generator().manual_seed(7), **kwargs)
+    b = model.generate_nocache(cond, direction, generator=torch.Generator().manual_seed(7), **kwargs)
+    assert torch.equal(a, b)
+    plain = model.generate(cond, direction, generator=torch.Generator().manual_seed(7), num_samples=2, top_k=5,
+                           temperature=0.9)
+    assert not torch.equal(a, plain)  # guidance changes the samples
+
+
+@pytest.mark.parametrize('direction', ['t2i', 'i2t'])
+def test_guidance_combines_conditional_and_unconditional_logits(direction):
+    """Greedy guided sampling = a step-by-step argmax of uncond + s (cond - uncond), both from plain
+    forward passes: cond after `[S1] condition [S2]` and the tokens so far, uncond after the
+    target's start token alone as [REF] (the other direction's order) and the tokens so far;
+    s = 0 ignores the condition."""
+    c = tiny_config(positions='canonical')
+    model = make_model(c, double=True, sharpen=8.0)
+    text, image = random_batch(c, 4, seed=11)
+    cond = text if direction == 't2i' else image
+    first, second = (c.soc_id, c.soi_id) if direction == 't2i' else (c.soi_id, c.soc_id)
+    lo, hi = (0, c.image_vocab) if direction == 't2i' else (c.text_offset, c.pad_id)
+    length = 4
+
+    def reference(s):
+        rows = []
+        for b in range(4):
+            prefix = [first] + cond[b].tolist() + [second]
+            segs = [REF] * (len(prefix) - 1) + [GEN]
+            uprefix, out = [second], []
+            for _ in range(length):
+                if out and out[-1] in (c.eot_id, c.pad_id):
+                    tok = c.pad_id  # a caption that ended continues with [PAD]
+                else:
+                    with torch.no_grad():
+                        lc = model(torch.tensor([prefix]), torch.tensor([segs]))[0][0, -1, lo:hi]
+                        lu = model(torch.tensor([uprefix]), torch.tensor([[REF] * len(uprefix)]))[0][0, -1, lo:hi]
+                    tok = int((lu + s * (lc - lu)).argmax()) + lo
+                out.append(tok)
+                prefix.append(tok)
+                segs.append(GEN)
+                uprefix.append(tok)
+            rows.append(out)
+        return torch.tensor(rows)
+
+    plain = model.generate(cond, direction, length=length, top_k=1)
+    assert torch.equal(plain, reference(1.0))
+    for s in (0.0, 3.0):
+        got = model.generate(cond, direction, length=length, top_k=1, guidance=s)
+        assert torch.equal(got, reference(s))
+        assert not torch.equal(got, plain)  # guidance changes what is drawn here
+    unconditional = model.generate(cond, direction, length=length, top_k=1, guidance=0.0)
+    assert (unconditional == unconditional[:1]).all()  # s = 0: the same tokens whatever the condition
+    with pytest.raises(ValueError, match='guidance'):
+        model.generate(cond, direction, guidance=-1.0)
+
+
 def test_filter_logits_top_k_top_p_temperature():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     probs = lambda **kw: filter_logits(logits, **kw).softmax(-1)[0]  # noqa: E731

@@ -48,6 +48,7 @@ def test_demo_runs_every_stage_then_resumes_as_a_no_op(tmp_path):
     (["--gpt-ref-weight", "-1"], "--gpt-ref-weight must be >= 0, got -1.0"),
     (["--sl-warmdown", "-5"], "--sl-warmdown must be >= 0, got -5"),
     (["--gpt-t2i-share", "1"], "--gpt-t2i-share must be between 0 and 1, got 1.0"),
+    (["--guidance", "-0.5"], "--guidance must be >= 0 (1: off), got -0.5"),
 ])
 def test_bad_flag_is_a_one_line_error(args, message, tmp_path):
     r = run([*args, "--out", str(tmp_path)])

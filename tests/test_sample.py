@@ -145,15 +145,17 @@ def test_draw_saves_reranked_images_and_grid(trained, tmp_path):
     assert "scores:" in r.stdout
 
 
-def test_same_seed_same_output_other_seed_differs(trained, tmp_path):
-    def draw(seed, out):
+def test_same_seed_same_output_other_seed_or_guidance_differs(trained, tmp_path):
+    def draw(seed, out, *flags):
         r = run([*models(trained), "--text", "A small blue square at the top.", "--num-candidates", "4",
-                 "--keep", "4", "--seed", str(seed), "--out", str(out)])
+                 "--keep", "4", "--seed", str(seed), "--out", str(out), *flags])
         assert r.returncode == 0, r.stderr
         return [np.asarray(Image.open(p)) for p in results(out)[0]["outputs"]]
-    a, b, c = draw(1, tmp_path / "a"), draw(1, tmp_path / "b"), draw(2, tmp_path / "c")
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    a, b, c = draw(1, tmp_path / "a"), draw(1, tmp_path / "b", "--guidance", "1"), draw(2, tmp_path / "c")
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # --guidance 1 is plain sampling
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    d = draw(1, tmp_path / "d", "--guidance", "3")
+    assert not all(np.array_equal(x, y) for x, y in zip(a, d))
 
 
 def test_batch_texts_skip_bad_lines(trained, tmp_path):
@@ -250,6 +252,7 @@ def other_vae(tmp_path_factory):
     ("long_caption", "tokens long"),
     ("no_input", "nothing to do"),
     ("bad_rerank", "--rerank must be one of"),
+    ("bad_guidance", "--guidance must be >= 0"),
     ("missing_gpt", "no such file"),
 ])
 def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_path):
@@ -262,6 +265,7 @@ def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_p
         "long_caption": [*models(trained), "--text", "x" * 10000],
         "no_input": models(trained),
         "bad_rerank": [*models(trained), "--text", "a red circle.", "--rerank", "best"],
+        "bad_guidance": [*models(trained), "--text", "a red circle.", "--guidance", "nan"],
         "missing_gpt": ["--vae", vae, "--gpt", str(tmp_path / "nope.pt"), "--text", "a red circle."],
     }[case]
     r = run([*args, "--out", str(tmp_path / "out")])
