@@ -1239,6 +1239,27 @@ def load_checkpoint(path, kind: str) -> dict:
     return ckpt
 
 
+class TrainingError(Exception):
+    """A failure that stops training with a one-line message (the last checkpoint is kept)."""
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, ckpt_path, world: int = 1) -> None:
+    """Stop training on a NaN/inf loss: a TrainingError naming the step and what is kept at
+    ckpt_path. With world > 1 (DDP) the ranks' losses are gathered first, so every rank stops
+    at the same micro-step with the same message, where a rank stopping alone would leave the
+    others waiting in the gradient all-reduce."""
+    value = loss.detach().float().reshape(1)
+    where = ""
+    if world > 1:
+        values = [torch.empty_like(value) for _ in range(world)]
+        torch.distributed.all_gather(values, value)
+        bad = [r for r, v in enumerate(values) if not torch.isfinite(v).all()]
+        if bad:
+            value, where = values[bad[0]], f" on rank {bad[0]}"
+    if not torch.isfinite(value).all():
+        raise TrainingError(f"loss is {float(value)} at step {step}{where}: stopping; " + kept_checkpoint(ckpt_path))
+
+
 def kept_checkpoint(path) -> str:
     """What a training run that must stop leaves behind, for its error message."""
     if not os.path.exists(path):

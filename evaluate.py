@@ -1158,14 +1158,12 @@ def _add_sampling_args(p: argparse.ArgumentParser, candidates: int, temperature:
     p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=top_k, help="sampling top-k (0: off)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0: off)")
-    p.add_argument("--guidance", type=float, default=1.0, help=sample.GUIDANCE_HELP)
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling")
 
 
 def _sampler(args, device) -> sample.Sampler:
     if args.num_candidates < 1:
         raise ValueError(f"--num-candidates must be >= 1, got {args.num_candidates}")
-    sample.check_guidance(args.guidance)
     s = sample.Sampler(args.vae, args.gpt, args.bpe, str(device), "auto", args.batch_size)
     if args.rerank == "clip":
         s.load_clip(args.clip_model)
@@ -1234,6 +1232,7 @@ def add_t2i_args(p: argparse.ArgumentParser):
     _add_model_args(p)
     _add_dataset_args(p)
     _add_sampling_args(p, candidates=64)
+    p.add_argument("--guidance", type=float, default=1.0, help=sample.GUIDANCE_HELP)
     p.add_argument("--out", default=os.path.join("out", "eval", "t2i"),
                    help="folder for the drawn images (OUT/generated) and the real ones at the same size (OUT/real)")
     p.add_argument("--blur", default="0,1,2,4,8", help="comma-separated blur radii k of FID-k")
@@ -1247,6 +1246,7 @@ def run_t2i(args) -> dict:
     MS-COCO val caption, 30,000 of them), best of --num-candidates; FID-k against the items' own
     images, both at the AugVAE's resolution."""
     _check_system_args(args)
+    sample.check_guidance(args.guidance)
     radii = _parse_radii(args.blur)
     if not args.inception:  # fail before hours of sampling
         raise ValueError(f"t2i needs --inception: {INCEPTION_SOURCE}")

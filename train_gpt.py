@@ -149,10 +149,6 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-class TrainingError(Exception):
-    """A failure that stops training with a one-line message (the last checkpoint is kept)."""
-
-
 # -----------------------------------------------------------------------------------------
 # data
 
@@ -474,9 +470,7 @@ def main(argv: list | None = None) -> biart.BiART:
                 sync = not ddp or micro == grad_accum - 1
                 with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
                     _, loss, parts = model(idx, seg, targets, ref_weight=cfg["ref_weight"])
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss is {float(loss.detach())} at step {step}: stopping; "
-                                        + data.kept_checkpoint(os.path.join(out, "ckpt.pt")))
+                data.check_finite_loss(loss, step, os.path.join(out, "ckpt.pt"), world)
                 scaler.scale(loss / grad_accum).backward()
                 d = 0 if direction in ("t2i", "mix") else 1
                 terms = [loss.detach(), parts["ref"].detach(), parts["gen"].detach()]
@@ -535,6 +529,6 @@ def main(argv: list | None = None) -> biart.BiART:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, TrainingError) as e:
+    except (ValueError, OSError, data.TrainingError) as e:
         print(f"train_gpt.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -136,10 +136,6 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-class TrainingError(Exception):
-    """A failure that stops training with a one-line message (the last checkpoint is kept)."""
-
-
 # -----------------------------------------------------------------------------------------
 # data
 
@@ -355,9 +351,7 @@ def main(argv: list | None = None) -> augvae.AugVAE:
                     recon, commit, stats = model(x)
                     loss, terms = loss_fn(recon, x)
                     loss = loss + commit
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss is {float(loss.detach())} at step {step}: stopping; "
-                                        + data.kept_checkpoint(os.path.join(out, "ckpt.pt")))
+                data.check_finite_loss(loss, step, os.path.join(out, "ckpt.pt"), world)
                 scaler.scale(loss / cfg["grad_accum"]).backward()
                 for k, v in {"loss": loss, "commit": commit, **terms}.items():
                     terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]
@@ -418,6 +412,6 @@ def main(argv: list | None = None) -> augvae.AugVAE:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, TrainingError) as e:
+    except (ValueError, OSError, data.TrainingError) as e:
         print(f"train_vae.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -243,6 +243,31 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(name, 
     assert_finite(c["model"], "model")
 
 
+def test_nan_loss_on_one_ddp_rank_stops_every_rank_and_keeps_the_checkpoint(world, tmp_path):
+    """2-process torchrun (gloo) where only rank 1's loss goes NaN at step 3: the run ends (no
+    hang), every rank reports the same one line, and rank 0's checkpoint of step 2 is kept."""
+    launcher = tmp_path / "nan_on_rank1.py"
+    path = os.path.join(ROOT, "train_gpt.py")
+    launcher.write_text(f"import os, runpy, sys\nsys.path.insert(0, {ROOT!r})\n"
+                        f"if os.environ['RANK'] == '1':\n" + "".join(f"    {l}\n" for l in INJECT["train_gpt.py"].splitlines())
+                        + f"sys.argv = [{path!r}, *sys.argv[1:]]\nrunpy.run_path({path!r}, run_name='__main__')\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+           *gpt_data(world), "--max-steps", "6", "--ckpt-every", "2", "--eval-every", "100", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode != 0
+    path = out / "ckpt.pt"
+    message = (f"train_gpt.py: error: loss is nan at step 3 on rank 1: stopping; the last good checkpoint "
+               f"is kept at {path} (step 2)")
+    assert r.stderr.count(message) == 2, r.stderr[-3000:]  # both ranks (rank 0's progress bar may share the line)
+    assert r.stderr.count("exitcode  : 2") == 2, r.stderr[-3000:]  # torchrun's report: both ranks exited 2,
+    assert "train_gpt.py\", line" not in r.stderr, r.stderr[-3000:]  # by the message, not a traceback
+    c = ckpt(path)
+    assert c["step"] == 2
+    assert_finite(c["model"], "model")
+    assert temp_files(out) == []
+
+
 # -----------------------------------------------------------------------------------------
 # torchrun: one rank's shard holds only corrupt images
 
