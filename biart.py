@@ -69,6 +69,7 @@ from torch.nn import functional as F
 REF = 0  # segment index of the conditional reference (section 3.4)
 GEN = 1  # segment index of the generation target
 IGNORE_INDEX = -1  # target value that carries no loss
+CPU_BF16_ATTENTION_FROM = 512  # sequence length from which CPU autocast keeps attention in bf16
 DIRECTIONS = ('t2i', 'i2t')
 
 
@@ -380,9 +381,11 @@ class CausalSelfAttention(nn.Module):
             # inputs than on these transposed views, with bit-identical results (bench.py row 1)
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dropout = self.dropout if self.training else 0.0
-        if x.device.type == 'cpu' and q.dtype != torch.float32:
-            # CPU autocast: attention in fp32 (the matrix products around it stay bf16); the CPU
-            # kernel's bf16 backward took 48 ms a layer in the demo's BiART step, its fp32 one 7
+        if x.device.type == 'cpu' and q.dtype != torch.float32 and T < CPU_BF16_ATTENTION_FROM:
+            # CPU autocast, short sequences: attention in fp32 (the matrix products around it stay
+            # bf16). The CPU's bf16 attention ran forward + backward 3-6x slower than fp32 below a
+            # few hundred tokens (the demo's 88: 50 vs 15 ms a layer), as fast from ~400 on, and
+            # faster at 1,089 (bench.py row 1b)
             with torch.autocast('cpu', enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout,
                                                    is_causal=T > 1).to(q.dtype)  # (B, nh, T, hs)
