@@ -1676,7 +1676,7 @@ def run_fashion(args) -> dict:
         t0 = time.time()
         g = torch.Generator(device=s.device).manual_seed(args.seed)
         images = fashion_t2i(s, text, args.image_candidates, {**kw, "generator": g},
-                             max(1, args.batch_size // args.image_candidates))
+                             max(1, args.batch_size // args.image_candidates), args.guidance)
         res = {"per_class_images": args.per_class, "captions": sorted(set(captions)), "void": void}
         for r, x in images.items():
             preds, feats = classify(clf, x.to(device))

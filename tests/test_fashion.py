@@ -288,6 +288,11 @@ def test_evaluate_fashion_end_to_end(models, fashion_root, tmp_path, capsys):
         assert all(round(p["accuracy"] * 3) == p["accuracy"] * 3 for p in m["per_class"].values())  # k of 3
     for name in ("t2i_self.png", "t2i_none.png", "real.png"):  # one row per class, 2 columns
         assert Image.open(tmp_path / "eval" / name).size == (2 + 2 * 34, 2 + 10 * 34)
+    # --guidance reaches the drawings: the same seed draws other images
+    plain = np.asarray(Image.open(tmp_path / "eval" / "t2i_none.png"))
+    evaluate.main([*args, "--directions", "t2i", "--guidance", "3", "--out", str(tmp_path / "eval_g3"),
+                   "--json", str(tmp_path / "g3.json")])
+    assert not np.array_equal(plain, np.asarray(Image.open(tmp_path / "eval_g3" / "t2i_none.png")))
 
     # the CLI: a second run loads the cached classifier; bad flags are one-line errors
     cli = [sys.executable, os.path.join(ROOT, "evaluate.py")]

