@@ -252,7 +252,8 @@ def test_nan_loss_on_one_ddp_rank_stops_every_rank_and_keeps_the_checkpoint(worl
                         f"if os.environ['RANK'] == '1':\n" + "".join(f"    {l}\n" for l in INJECT["train_gpt.py"].splitlines())
                         + f"sys.argv = [{path!r}, *sys.argv[1:]]\nrunpy.run_path({path!r}, run_name='__main__')\n")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--monitor-interval", "2", str(launcher),  # time for both ranks to report before torchrun stops them
            *gpt_data(world), "--max-steps", "6", "--ckpt-every", "2", "--eval-every", "100", "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode != 0
