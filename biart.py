@@ -690,13 +690,14 @@ class BiART(nn.Module):
         idx, seg, length, modality = self._start_generation(cond, direction, num_samples, length,
                                                             temperature, top_k, top_p, guidance)
         idx, seg = idx.repeat_interleave(num_samples, dim=0), seg.repeat_interleave(num_samples, dim=0)
-        if guidance != 1.0:
+        guided = guidance != 1.0
+        if guided:
             uidx, useg, other = self._unconditional_start(direction, idx.size(0), idx.device)
         out = torch.full((idx.size(0), length), self.config.pad_id, dtype=torch.long, device=idx.device)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for t in range(length):
             h = self._trunk(idx, seg)[:, -1]  # (B * n, C)
-            hu = self._trunk(uidx, useg, direction=other)[:, -1] if guidance != 1.0 else None
+            hu = self._trunk(uidx, useg, direction=other)[:, -1] if guided else None
             tok, finished = self._after_eot(self._sample(h, modality, temperature, top_k, top_p, generator,
                                                          hu, guidance), finished, modality)
             out[:, t] = tok
@@ -704,7 +705,7 @@ class BiART(nn.Module):
                 break
             idx = torch.cat([idx, tok[:, None]], dim=1)
             seg = torch.cat([seg, torch.full_like(tok[:, None], GEN)], dim=1)
-            if guidance != 1.0:
+            if guided:
                 uidx = torch.cat([uidx, tok[:, None]], dim=1)
                 useg = torch.cat([useg, torch.full_like(tok[:, None], REF)], dim=1)
         return out
