@@ -1155,14 +1155,17 @@ def gpu_check(device_name: str, threads: int) -> int:
         g = torch.Generator(device=device)
         old = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 for the comparison
+        image = torch.randint(0, model.config.image_vocab, (2, model.config.image_len), device=device)
+        runs = []
         try:
-            a = model.generate(text, "t2i", length=32, generator=g.manual_seed(0))
-            b = model.generate_nocache(text, "t2i", length=32, generator=g.manual_seed(0))
+            for cond, direction, guidance in ((text, "t2i", 1.0), (text, "t2i", 2.0), (image, "i2t", 1.0)):
+                a = model.generate(cond, direction, length=32, generator=g.manual_seed(0), guidance=guidance)
+                b = model.generate_nocache(cond, direction, length=32, generator=g.manual_seed(0), guidance=guidance)
+                runs.append(f"{direction} guidance {guidance:g}: {int((a == b).all(1).sum())} of {a.size(0)}")
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
-        same = int((a == b).all(1).sum())
-        return f"{same} of {a.size(0)} rows identical over 32 tokens (cached vs recompute, fp32, same seed)"
-    check("BiART cached vs recompute sampling")(sampling)
+        return "rows identical over 32 tokens (cached vs recompute, fp32, same seed): " + "; ".join(runs)
+    check("BiART cached vs recompute sampling (guided too)")(sampling)
 
     def vae_steps():
         torch.manual_seed(0)
