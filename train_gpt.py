@@ -391,7 +391,8 @@ def main(argv: list | None = None) -> biart.BiART:
         f"{mcfg.image_len}, vocab {mcfg.vocab_size} (image {mcfg.image_vocab}, text {mcfg.text_vocab}); "
         f"{world} process(es) on {device}, {str(dtype).replace('torch.', '')}, batch {total_batch} (accumulation {grad_accum}), "
         f"lr {lr:.3g}, step {step}/{cfg['max_steps']}, "
-        + ("both directions per batch" if cfg["mix"] else "alternating t2i / i2t per step")
+        + ("both directions per batch" if cfg["mix"]
+           else "alternating t2i / i2t per step" if cfg["t2i_share"] == 0.5 else "one direction per step")
         + (f", text->image share {cfg['t2i_share']:g}" if cfg["t2i_share"] != 0.5 else ""))
     log(f"data: {len(train_ds)} training images ({sum(map(len, train_ds.captions))} captions"
         + (f", {train_ds.crops.shape[1]} crops each" if train_ds.crops is not None else "")

@@ -107,7 +107,7 @@ def test_smoke_checkpoint_and_log(setup, tmp_path):
     r = run([*base(setup), "--t2i-share", "0.75", "--max-steps", "8", "--eval-every", "8", "--out", str(shared)])
     assert r.returncode == 0, r.stderr[-2000:]
     log = (shared / "log.txt").read_text()
-    assert "text->image share 0.75" in log
+    assert "one direction per step, text->image share 0.75" in log
     steps = [l.split()[2] for l in log.splitlines() if l.startswith("step ")]
     assert steps == ["t2i", "t2i", "t2i", "i2t"] * 2
 
