@@ -381,7 +381,7 @@ class CausalSelfAttention(nn.Module):
             # inputs than on these transposed views, with bit-identical results (bench.py row 1)
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dropout = self.dropout if self.training else 0.0
-        if x.device.type == 'cpu' and q.dtype != torch.float32 and T < CPU_BF16_ATTENTION_FROM:
+        if x.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and T < CPU_BF16_ATTENTION_FROM:
             # CPU autocast, short sequences: attention in fp32 (the matrix products around it stay
             # bf16). The CPU's bf16 attention ran forward + backward 3-6x slower than fp32 below a
             # few hundred tokens (the demo's 88: 50 vs 15 ms a layer), as fast from ~400 on, and
