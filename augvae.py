@@ -13,8 +13,8 @@ Two shapes of one model (paper section 3.3, appendix A):
 Level l has resolution image_size / 4 / 2**l; level 0 is the finest. Decoders are indexed by
 the level whose latent they read: dec[L-1] is the coarsest, dec[0] is the final RGB decoder.
 
-The EMA vector quantizer is written by hand. Differences from the authors' release (see
-SPEC "Defects"): no N x K one-hot anywhere (bincount / index_add_, chunked distances),
+The EMA vector quantizer is written by hand. Differences from the authors' release, each
+fixing a defect of it: no N x K one-hot anywhere (bincount / index_add_, chunked distances),
 statistics all-reduced across DDP ranks, and in the default 'robust' mode a data-driven
 codebook init plus dead-code restarts. `quantizer_mode='faithful'` keeps the release's
 N(0, 1) init, zero cluster sizes and no restarts, to reproduce its behaviour.
@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import runtime
 
 CHECKPOINT_KIND = "augvae"
 CPU_DISTANCE_BLOCK_BYTES = 8 * 2 ** 20  # on CPU the distance matrix is built in blocks of at most this (L2-sized)
@@ -317,7 +319,7 @@ class EMAQuantizer(nn.Module):
     def init_from(self, flats: list):
         """Robust mode: start the codebook on encoder outputs, an equal share drawn from each
         tensor in `flats` (one per level), each code counted once, so no code starts at zero
-        cluster size (SPEC defect 1). Rank 0 draws, every rank copies."""
+        cluster size (the release's N(0, 1) init with zero counts leaves most codes dead). Rank 0 draws, every rank copies."""
         per = [self.K // len(flats) + (i < self.K % len(flats)) for i in range(len(flats))]
         new = torch.cat([f[torch.randint(0, f.shape[0], (n,), device=f.device)] for f, n in zip(flats, per)])
         new = new + 0.01 * new.std() * torch.randn_like(new)
@@ -494,6 +496,27 @@ class AugVAE(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def from_checkpoint(ckpt: dict) -> AugVAE:
+    """The model of a loaded checkpoint dict (its 'config' and 'model' entries), strict."""
+    model = AugVAE(AugVAEConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model
+
+
+def load(path, single_level: bool | None = None, flag: str = "--vae") -> AugVAE:
+    """The AugVAE of a train_vae.py checkpoint (ckpt.pt or best.pt), loaded strictly, fp32, eval
+    mode, on the CPU. single_level True / False refuses the other kind with a one-line
+    ValueError that names `flag`, the command-line flag the path came from."""
+    ckpt = runtime.load_checkpoint(path, CHECKPOINT_KIND)
+    cfg = AugVAEConfig.from_dict(ckpt["config"])  # checked before the weights are built
+    if single_level is True and not cfg.single_level:
+        raise ValueError(f"{flag} {path}: is a multi-level (ML) checkpoint; give the fine-tuned SL one "
+                         f"(python train_vae.py --sl --init ML.pt)")
+    if single_level is False and cfg.single_level:
+        raise ValueError(f"{flag} {path}: is already a single-level (SL) checkpoint; give the ML one")
+    return from_checkpoint(ckpt).float().eval()
 
 
 def ml_to_sl(ml: AugVAE, **overrides) -> AugVAE:

@@ -7,7 +7,8 @@ Measured speed and memory of this repo's hot paths, each beside its baseline, as
     python bench.py --rows 1,3              # some rows only
     python bench.py --compile               # row 1 also with torch.compile (compiling takes minutes on CPU)
     python bench.py --e2e                   # row 6: run `python demo.py` and time it
-    python bench.py --gpu-check             # on a CUDA machine: AMP steps of both stages, NCCL DDP, these rows
+    python bench.py --quick --device cuda   # the rows on a GPU ('auto', the default, takes one when there is one)
+    python -m pytest tests/test_gpu.py -s   # on a CUDA machine: AMP steps of both stages, NCCL DDP (not a benchmark)
 
 Rows (each prints the figure, its baseline, the ratio, the machine and the settings):
   1  BiART training: tokens/s and MFU (model FLOPs/s over the peak matmul FLOP/s measured at the
@@ -21,7 +22,8 @@ Rows (each prints the figure, its baseline, the ratio, the machine and the setti
   3  the EMA quantizer's training step on a (8, 256, 64, 64) input with 8192 x 256 codes against the
      one-hot formulation kept in this file: time, peak memory, identical indices and statistics.
   4  AugVAE-SL (paper preset, 256 px) encode and decode images/s, fp32 and bf16 autocast; peak memory.
-  5  tokenizer captions/s against OpenAI CLIP's simple_tokenizer.py (when it is installed).
+  5  tokenizer captions/s against OpenAI CLIP's simple_tokenizer.py (when it is installed), on
+     bench_captions; 5b: with BPE-dropout 0.1 (train_gpt.py --bpe-dropout) against without.
   6  the README demo end to end: `seconds` from out/demo/results.json (written by `python demo.py`),
      or, with --e2e, a timed run of it.
 
@@ -46,11 +48,13 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib.util
+import itertools
 import json
 import math
 import os
 import platform
-import shutil
+import random
 import statistics
 import subprocess
 import sys
@@ -64,6 +68,7 @@ from torch.nn import functional as F
 
 import augvae
 import biart
+import runtime
 import tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -553,6 +558,79 @@ def quantizer_state(vq: augvae.EMAQuantizer) -> dict:
 
 
 # -----------------------------------------------------------------------------------------
+# row 5: synthetic captions, and OpenAI CLIP's tokenizer as the reference
+
+BENCH_SUBJECTS = ["a man", "a woman", "two men", "a young boy", "a little girl", "a group of people", "a dog",
+                  "a black cat", "a brown horse", "an elephant", "three zebras", "a giraffe", "a person",
+                  "a couple", "a baseball player", "a tennis player", "a skier", "a surfer", "a chef", "a bus",
+                  "a red truck", "a white plate", "a train", "a large airplane", "a kitchen", "a bathroom"]
+BENCH_VERBS = ["riding", "holding", "sitting on", "standing next to", "walking down", "looking at", "eating",
+               "playing with", "parked in front of", "flying over", "lying on", "carrying", "throwing",
+               "swinging", "cutting", "filled with", "covered in", "waiting at", "crossing", "jumping over"]
+BENCH_ADJECTIVES = ["red", "blue", "green", "small", "large", "old", "wooden", "white", "black", "yellow",
+                    "tall", "empty", "crowded", "colorful", "dirty", "shiny", "striped", "fluffy", "tiny"]
+BENCH_NOUNS = ["surfboard", "skateboard", "umbrella", "pizza", "sandwich", "frisbee", "kite", "bench",
+               "table", "street", "field", "beach", "bed", "couch", "laptop", "cake", "banana", "bottle",
+               "clock", "fence", "bridge", "building", "window", "mirror", "toilet", "sink", "snow", "wave"]
+BENCH_TAILS = ["near the water", "in a park", "on a sunny day", "at night", "in the background",
+               "while people watch", "next to a building", "on the side of the road", "in a kitchen",
+               "with trees behind it", "during a game", "in front of a crowd", "at the beach"]
+BENCH_SYLLABLES = ["ba", "ro", "ki", "ten", "mor", "ly", "gan", "del", "pha", "stri", "quo", "vel", "zu",
+                   "nix", "par", "shi", "tor", "wen", "cla", "dre"]
+
+
+def bench_captions(count: int, seed: int = 0) -> list[str]:
+    """Deterministic COCO-style captions, 8-20 words; ~10% of nouns come from a long Zipf tail of
+    made-up words, so the word cache sees misses as on real data."""
+    rng = random.Random(seed)
+    rare = sorted({"".join(rng.choices(BENCH_SYLLABLES, k=rng.randint(2, 4))) for _ in range(20000)})
+    rare_cum_weights = list(itertools.accumulate(1.0 / (rank + 1) for rank in range(len(rare))))  # Zipf
+
+    def noun():
+        if rng.random() < 0.1:
+            return rng.choices(rare, cum_weights=rare_cum_weights)[0]
+        return rng.choice(BENCH_NOUNS)
+
+    captions = []
+    for _ in range(count):
+        target = rng.randint(8, 20)
+        words = f"{rng.choice(BENCH_SUBJECTS)} {rng.choice(BENCH_VERBS)} a {rng.choice(BENCH_ADJECTIVES)} {noun()}".split()
+        while len(words) < target:
+            extra = rng.choice([rng.choice(BENCH_TAILS), f"and a {rng.choice(BENCH_ADJECTIVES)} {noun()}",
+                                f"with {rng.randint(2, 12)} {noun()}s", f"beside the {noun()}'s {noun()}"])
+            words += extra.split()
+        caption = " ".join(words[:target])
+        captions.append(caption[0].upper() + caption[1:] + rng.choice([".", ".", "", " ."]))
+    return captions
+
+
+def reference_path() -> str | None:
+    """OpenAI CLIP's simple_tokenizer.py, the reference tokenizer.py is checked against (row 5,
+    tests/test_tokenizer_parity.py): CLIP_REF_TOKENIZER=/path/to/simple_tokenizer.py, or an
+    installed `clip` package (`pip install --no-deps clip-anytorch==2.6.0`), located without
+    importing it (its __init__ imports torchvision). None when neither is there."""
+    path = os.environ.get("CLIP_REF_TOKENIZER")
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CLIP_REF_TOKENIZER={path} is not a file")
+        return path
+    spec = importlib.util.find_spec("clip")  # a top-level lookup: the package is not imported
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(folder, "simple_tokenizer.py")
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def load_reference(path: str):
+    """CLIP's SimpleTokenizer from the file at `path` (see reference_path), on CLIP's merges."""
+    spec = importlib.util.spec_from_file_location("clip_reference_simple_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer(tokenizer.default_bpe_path())
+
+
+# -----------------------------------------------------------------------------------------
 # the measurements: each `*_part` runs in its own process (see Runner) and returns plain JSON
 
 def peak_part(device: str, sizes: list, repeats: int) -> dict:
@@ -730,26 +808,35 @@ def vae_part(device: str, op: str, preset: str, overrides: dict, batch: int, dty
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def tokenizer_part(device: str, kind: str, count: int, repeats: int) -> dict:
-    """captions/s of a fresh tokenizer (cold word cache) encoding `count` COCO-style captions."""
-    captions = tokenizer.bench_captions(count)
+def tokenizer_part(device: str, kind: str, count: int, repeats: int, dropout: float = 0.0) -> dict:
+    """captions/s of a fresh tokenizer (cold word cache) encoding `count` COCO-style captions
+    (bench_captions); ours with BPE-dropout `dropout` > 0 draws from a fresh random.Random(0) each
+    run and caches nothing. Also the mean words and tokens per caption."""
+    captions = bench_captions(count)
     if kind == "ours":
         make = tokenizer.Tokenizer
     elif kind == "clip":
-        path = tokenizer.reference_path()
+        if dropout:
+            raise ValueError("CLIP's simple_tokenizer has no BPE-dropout")
+        path = reference_path()
         if path is None:
             return {"skipped": "OpenAI CLIP's simple_tokenizer.py not found (pip install --no-deps "
                                "clip-anytorch==2.6.0, or set CLIP_REF_TOKENIZER)"}
-        make = lambda: tokenizer.load_reference(path)  # noqa: E731
+        make = lambda: load_reference(path)  # noqa: E731
     else:
         raise ValueError(f"unknown tokenizer {kind!r}")
+    state = {}
 
     def run():
         tok = make()
-        for c in captions:
-            tok.encode(c)
+        if dropout:
+            rng = random.Random(0)
+            state["tokens"] = sum(len(tok.encode(c, dropout=dropout, rng=rng)) for c in captions)
+        else:
+            state["tokens"] = sum(len(tok.encode(c)) for c in captions)
     r = measure(run, torch.device("cpu"), repeats, memory=False)  # the first run is not timed
-    return {**r, "captions_per_s": count / r["median"]}
+    return {**r, "captions_per_s": count / r["median"], "tokens_per_caption": state["tokens"] / count,
+            "words_per_caption": sum(len(c.split()) for c in captions) / count}
 
 
 PARTS = {"peak": peak_part, "train": train_part, "sample": sample_part, "quantizer": quantizer_part,
@@ -760,7 +847,7 @@ def worker_main(name: str, spec: dict, threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     if spec.get("device", "cpu").startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # as data.start_processes does for training
+        torch.backends.cuda.matmul.allow_tf32 = True  # as runtime.start_processes does for training
         torch.backends.cudnn.allow_tf32 = True
     result = PARTS[name](**spec)
     result["threads"] = torch.get_num_threads()
@@ -840,194 +927,240 @@ def e2e_row(path: str, run: bool, timeout: float = 3600) -> dict:
     return res
 
 
+class Rows:
+    """What every row needs: the settings, the process runner, the table, JSON figures and notes."""
+
+    def __init__(self, mode: str, device: torch.device, threads: int, in_process: bool, log=print):
+        self.S = dict(SETTINGS[mode])
+        if device.type == "cuda" and mode != "tiny":
+            self.S.update(CUDA_SETTINGS)
+        self.run = Runner(threads, in_process, log)
+        self.dev = str(device)
+        self.reps = self.S["repeats"]
+        self.machine = machine(device)
+        if threads:
+            self.machine["threads"] = threads
+        self.fp32_name = "fp32 (TF32)" if device.type == "cuda" else "fp32"
+        self.log = log
+        self.compile_model = False
+        self.table, self.notes = [], []
+        self.J = {"mfu": None, "sampling_cache_speedup": None, "quantizer_speedup": None,
+                  "quantizer_memory_ratio": None}
+
+    def add(self, row, what, ours, baseline, ratio, memory, load, settings):
+        self.table.append(dict(row=row, what=what, ours=ours, baseline=baseline, ratio=ratio, memory=memory,
+                               load=load, machine=machine_short(self.machine), settings=settings))
+
+def row_train(c: Rows) -> None:
+    """Row 1: peak matmul and BiART training (rows 1, 1b, 1c, 1d)."""
+    S, run, dev, reps, add, J, notes, fp32_name = c.S, c.run, c.dev, c.reps, c.add, c.J, c.notes, c.fp32_name
+    c.log("row 1: peak matmul, BiART training")
+    peak = run("peak", device=dev, sizes=S["peak_sizes"], repeats=reps)
+    p32, p16 = peak["float32"], peak["bfloat16"]
+    J["peak_gflops"] = {k: {p: v["gflops"] for p, v in peak[k]["paths"].items()} for k in ("float32", "bfloat16")}
+    notes.append("peak matmul GFLOP/s (best size of " + ", ".join(map(str, S["peak_sizes"])) + "): "
+                 + "; ".join(f"{'fp32' if k == 'float32' else 'bf16'}: " + ", ".join(
+                     f"{p} {v['gflops']:.0f}" for p, v in peak[k]["paths"].items()) for k in ("float32", "bfloat16"))
+                 + f" (load {fmt_load(mean_load(p32, p16))}).")
+    tr = dict(device=dev, preset=S["train_preset"], overrides=S["train_overrides"], batch=S["train_batch"],
+              repeats=reps)
+    ours = run("train", kind="ours", dtype="float32", **tr)
+    base = run("train", kind="baseline", dtype="float32", **tr)
+    bf16 = run("train", kind="ours", dtype="bfloat16", **tr)
+    cfg = biart.BiARTConfig.preset(S["train_preset"], **S["train_overrides"])
+    size = (f"{cfg.n_layer}x{cfg.n_embd}, {cfg.n_head} heads, vocab {cfg.vocab_size:,}, T {cfg.block_size - 1:,}, "
+            f"batch {S['train_batch']}, dropout {cfg.dropout}, {ours['params'] / 1e6:.1f}M params")
+    mfu = ours["model_gflops_per_s"] / p32["best_gflops"]
+    mfu_base = base["model_gflops_per_s"] / p32["best_gflops"]
+    mfu16 = bf16["model_gflops_per_s"] / p16["best_gflops"]
+    add("1", f"BiART training tokens/s, {fp32_name}",
+        f"{ours['tokens_per_s']:,.0f} tok/s, MFU {100 * mfu:.0f}%",
+        f"minGPT-style: {base['tokens_per_s']:,.0f} tok/s (its MFU {100 * mfu_base:.0f}%)",
+        f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}x", "",
+        fmt_load(mean_load(ours, base)),
+        f"{size}; step = fwd+bwd+clip+AdamW; MFU = {ours['flops_per_token'] / 1e6:.0f} MFLOP/token "
+        f"x tok/s / peak {p32['best_gflops']:.0f} GFLOP/s ({p32['best_path']}); baseline "
+        f"{base['flops_per_token'] / 1e6:.0f} MFLOP/token")
+    add("1b", "BiART training tokens/s, bf16 autocast",
+        f"{bf16['tokens_per_s']:,.0f} tok/s, MFU {100 * mfu16:.0f}% of bf16 peak",
+        f"ours {fp32_name}: {ours['tokens_per_s']:,.0f} tok/s", f"{bf16['tokens_per_s'] / ours['tokens_per_s']:.2f}x",
+        "", fmt_load(mean_load(bf16)),
+        f"same; bf16 peak {p16['best_gflops']:.0f} GFLOP/s ({p16['best_path']})")
+    J.update(mfu=mfu, mfu_bf16=mfu16, train_tokens_per_s=ours["tokens_per_s"],
+             baseline_tokens_per_s=base["tokens_per_s"], baseline_mfu=mfu_base,
+             train_speedup=ours["tokens_per_s"] / base["tokens_per_s"],
+             train_bf16_tokens_per_s=bf16["tokens_per_s"], train_step_seconds=ours["median"],
+             baseline_step_seconds=base["median"], train_flops_per_token=ours["flops_per_token"])
+    notes.append(f"row 1 losses at the first step (same init seed, different formulations): ours "
+                 f"{ours['first_loss']:.4f}, baseline {base['first_loss']:.4f}; per-step seconds ours "
+                 f"{[round(t, 3) for t in ours['times']]}, baseline {[round(t, 3) for t in base['times']]}.")
+    if c.compile_model:
+        comp = run("train", kind="ours", dtype="float32", compile_model=True, **tr)
+        add("1c", f"BiART training tokens/s, torch.compile, {fp32_name}",
+            f"{comp['tokens_per_s']:,.0f} tok/s, MFU {100 * comp['model_gflops_per_s'] / p32['best_gflops']:.0f}%",
+            f"ours eager: {ours['tokens_per_s']:,.0f} tok/s", f"{comp['tokens_per_s'] / ours['tokens_per_s']:.2f}x",
+            "", fmt_load(mean_load(comp)), f"same; the first two steps (compiling) took {comp['warm_s']:.0f} s")
+        J.update(compile_tokens_per_s=comp["tokens_per_s"], compile_seconds=comp["warm_s"])
+    if S["train_dropout_row"]:
+        drop = run("train", kind="ours", dtype="float32",
+                   **{**tr, "overrides": {**S["train_overrides"], "dropout": 0.1}})
+        add("1d", f"BiART training tokens/s, dropout 0.1 (the preset's), {fp32_name}",
+            f"{drop['tokens_per_s']:,.0f} tok/s", f"ours dropout 0: {ours['tokens_per_s']:,.0f} tok/s",
+            f"{drop['tokens_per_s'] / ours['tokens_per_s']:.2f}x", "", fmt_load(mean_load(drop)),
+            "same; attention dropout leaves SDPA's fused kernel on CPU (CUDA's flash kernel has dropout)")
+        J["train_dropout01_tokens_per_s"] = drop["tokens_per_s"]
+
+
+def row_sampling(c: Rows) -> None:
+    """Row 2: text->image sampling, KV cache against recompute."""
+    S, run, dev, reps, add, J, notes = c.S, c.run, c.dev, c.reps, c.add, c.J, c.notes
+    c.log("row 2: sampling")
+    cfg = biart.BiARTConfig.preset(S["sample_preset"], **S["sample_overrides"])
+    length = min(S["sample_length"], cfg.image_len)
+    for b in S["sample_batches"]:
+        sp = dict(device=dev, preset=S["sample_preset"], overrides=S["sample_overrides"], batch=b, length=length,
+                  repeats=reps)
+        e2e = b == min(S["sample_batches"])  # one whole generate() call checks the sum of steps
+        cache = run("sample", mode="cache", points=S["sample_points"], check_tokens=S["check_tokens"],
+                    end_to_end=e2e, **sp)
+        rec = run("sample", mode="recompute", points=S["sample_points"], **sp)
+        speedup = rec["seconds"] / cache["seconds"]
+        e2e_speedup = rec["seconds"] / cache["end_to_end_seconds"] if e2e else None
+        add("2", f"text->image sampling, batch {b}",
+            f"KV cache {cache['tokens_per_s']:,.1f} img tok/s ({cache['seconds']:.1f} s"
+            + (f"; one whole generate() call: {cache['end_to_end_seconds']:.1f} s)" if e2e else ")"),
+            f"recompute {rec['tokens_per_s']:,.2f} img tok/s ({rec['seconds']:.0f} s)",
+            f"{speedup:.1f}x" + (f" ({e2e_speedup:.1f}x by the whole call)" if e2e else ""),
+            f"{fmt_bytes(cache['peak_bytes'])} / {fmt_bytes(rec['peak_bytes'])}",
+            fmt_load(mean_load(cache, rec)),
+            f"{cfg.n_layer}x{cfg.n_embd}, {cfg.text_len} text + {length} of {cfg.image_len} image tokens, fp32, "
+            f"multinomial over the image ids; seconds = sum of steps timed at {len(rec['points'])} positions "
+            f"(sum_of_quadratic), same method for both")
+        key = "sampling_cache_speedup" if b == max(S["sample_batches"]) else f"sampling_cache_speedup_b{b}"
+        J[key] = speedup
+        J[f"sampling_b{b}"] = {
+            "cache_tokens_per_s": cache["tokens_per_s"], "recompute_tokens_per_s": rec["tokens_per_s"],
+            "cache_seconds": cache["seconds"], "cache_end_to_end_seconds": cache.get("end_to_end_seconds"),
+            "recompute_seconds": rec["seconds"], "speedup": speedup, "speedup_end_to_end": e2e_speedup,
+            "cache_peak_bytes": cache["peak_bytes"], "recompute_peak_bytes": rec["peak_bytes"],
+            "cache_prefill_seconds": cache["prefill_seconds"],
+            "cache_step_seconds": dict(zip(map(str, cache["points"]), cache["step_seconds"])),
+            "recompute_step_seconds": dict(zip(map(str, rec["points"]), rec["step_seconds"])),
+            "identical_tokens": cache.get("identical")}
+        notes.append(f"row 2 batch {b}: cached and recompute sampling gave "
+                     f"{'identical' if cache.get('identical') else 'DIFFERENT'} tokens ("
+                     f"the first {min(S['check_tokens'], length)} of each of {b} rows, same seed); seconds per "
+                     f"step at image token t: cache (prefill {cache['prefill_seconds']:.3f}) "
+                     + ", ".join(f"{t}: {x:.4f}" for t, x in zip(cache["points"], cache["step_seconds"]))
+                     + "; recompute " + ", ".join(f"{t}: {x:.3f}" for t, x in zip(rec["points"], rec["step_seconds"]))
+                     + ".")
+
+
+def row_quantizer(c: Rows) -> None:
+    """Row 3: the EMA quantizer's step against the one-hot formulation."""
+    S, run, dev, reps, add, J = c.S, c.run, c.dev, c.reps, c.add, c.J
+    c.log("row 3: quantizer")
+    with tempfile.TemporaryDirectory() as tmp:
+        qp = dict(device=dev, shape=S["quant_shape"], codes=S["quant_codes"], chunk=S["quant_chunk"], repeats=reps)
+        ours = run("quantizer", kind="ours", save=os.path.join(tmp, "ours.pt"), **qp)
+        ref = run("quantizer", kind="reference", save=os.path.join(tmp, "ref.pt"), **qp)
+        same = compare_quantizer(torch.load(os.path.join(tmp, "ours.pt"), weights_only=True),
+                                 torch.load(os.path.join(tmp, "ref.pt"), weights_only=True))
+    speed = ref["seconds"] / ours["seconds"]
+    mem = ref["peak_bytes"] / ours["peak_bytes"] if ours["peak_bytes"] and ref["peak_bytes"] else None
+    identical = same["indices"] and same["counts"] and same["state"]
+    add("3", "EMA quantizer training step",
+        f"{ours['seconds']:.3f} s, peak +{fmt_bytes(ours['peak_bytes'])}",
+        f"one-hot: {ref['seconds']:.3f} s, peak +{fmt_bytes(ref['peak_bytes'])}",
+        f"{speed:.1f}x time, {mem:.1f}x memory" if mem else f"{speed:.1f}x time",
+        f"{fmt_bytes(ours['peak_bytes'])} / {fmt_bytes(ref['peak_bytes'])}", fmt_load(mean_load(ours, ref)),
+        f"input {tuple(S['quant_shape'])}, {S['quant_codes']} x {S['quant_shape'][1]} codes, fp32, chunk "
+        f"{S['quant_chunk']}; identical indices {same['indices']}, counts {same['counts']}, "
+        f"codebook state after the step {same['state']}")
+    J.update(quantizer_speedup=speed, quantizer_memory_ratio=mem, quantizer_identical=identical,
+             quantizer_seconds=ours["seconds"], quantizer_reference_seconds=ref["seconds"],
+             quantizer_peak_bytes=ours["peak_bytes"], quantizer_reference_peak_bytes=ref["peak_bytes"],
+             quantizer_checks=same)
+
+
+def row_vae(c: Rows) -> None:
+    """Row 4: AugVAE-SL encode and decode, fp32 and bf16."""
+    S, run, dev, reps, add, J, fp32_name = c.S, c.run, c.dev, c.reps, c.add, c.J, c.fp32_name
+    c.log("row 4: AugVAE")
+    vp = dict(device=dev, preset=S["vae_preset"], overrides=S["vae_overrides"], batch=S["vae_batch"], repeats=reps)
+    vcfg = augvae.preset(S["vae_preset"], single_level=True, **S["vae_overrides"])
+    for op in ("encode", "decode"):
+        f32 = run("vae", op=op, dtype="float32", **vp)
+        b16 = run("vae", op=op, dtype="bfloat16", **vp)
+        settings = (f"{S['vae_preset']} SL, {f32['params'] / 1e6:.1f}M params, {vcfg.image_size} px, "
+                    f"batch {S['vae_batch']}, random weights")
+        add("4", f"AugVAE-SL {op} images/s, {fp32_name}", f"{f32['images_per_s']:.2f} img/s", "(none: the "
+            "library path, as prepare.py runs it)", "", fmt_bytes(f32["peak_bytes"]), fmt_load(mean_load(f32)),
+            settings)
+        add("4", f"AugVAE-SL {op} images/s, bf16 autocast", f"{b16['images_per_s']:.2f} img/s",
+            f"{fp32_name}: {f32['images_per_s']:.2f} img/s", f"{b16['images_per_s'] / f32['images_per_s']:.2f}x",
+            fmt_bytes(b16["peak_bytes"]), fmt_load(mean_load(b16)),
+            settings + "; bf16 changes the numerics (the VQ distances stay fp32)")
+        J[f"vae_{op}_images_per_s"] = f32["images_per_s"]
+        J[f"vae_{op}_bf16_images_per_s"] = b16["images_per_s"]
+        J[f"vae_{op}_peak_bytes"] = f32["peak_bytes"]
+        J[f"vae_{op}_bf16_peak_bytes"] = b16["peak_bytes"]
+
+
+def row_tokenizer(c: Rows) -> None:
+    """Row 5: tokenizer captions/s against CLIP's, and with BPE-dropout (5b)."""
+    S, run, reps, add, J = c.S, c.run, c.reps, c.add, c.J
+    c.log("row 5: tokenizer")
+    ours = run("tokenizer", device="cpu", kind="ours", count=S["tok_count"], repeats=reps)
+    clip = run("tokenizer", device="cpu", kind="clip", count=S["tok_count"], repeats=reps)
+    drop = run("tokenizer", device="cpu", kind="ours", count=S["tok_count"], repeats=reps, dropout=0.1)
+    has_clip = "skipped" not in clip
+    add("5", "tokenizer captions/s (cold cache)", f"{ours['captions_per_s']:,.0f} captions/s",
+        f"CLIP simple_tokenizer: {clip['captions_per_s']:,.0f} captions/s" if has_clip else clip["skipped"],
+        f"{ours['captions_per_s'] / clip['captions_per_s']:.2f}x" if has_clip else "",
+        "", fmt_load(mean_load(ours, clip if has_clip else None)),
+        f"{S['tok_count']:,} COCO-style captions (bench.bench_captions: {ours['words_per_caption']:.1f} words, "
+        f"{ours['tokens_per_caption']:.1f} tokens on average"
+        + (f", CLIP's {clip['tokens_per_caption']:.1f}" if has_clip else "") + "), CLIP BPE, one process")
+    add("5b", "tokenizer captions/s, BPE-dropout 0.1", f"{drop['captions_per_s']:,.0f} captions/s",
+        f"ours without dropout: {ours['captions_per_s']:,.0f} captions/s",
+        f"{drop['captions_per_s'] / ours['captions_per_s']:.2f}x", "", fmt_load(mean_load(drop)),
+        f"same captions, random.Random(0); dropout caches no word: {drop['tokens_per_caption']:.1f} tokens "
+        f"on average against {ours['tokens_per_caption']:.1f}")
+    J.update(tokenizer_captions_per_s=ours["captions_per_s"],
+             clip_tokenizer_captions_per_s=clip.get("captions_per_s"),
+             tokenizer_dropout_captions_per_s=drop["captions_per_s"],
+             tokenizer_tokens_per_caption=ours["tokens_per_caption"],
+             tokenizer_dropout_tokens_per_caption=drop["tokens_per_caption"])
+
+
+def row_e2e(c: Rows, e2e: bool) -> None:
+    """Row 6: the README demo end to end."""
+    add, J = c.add, c.J
+    e = e2e_row(os.path.join(ROOT, DEMO_RESULTS), run=e2e)
+    secs = e.get("seconds")
+    add("6", "README demo end to end (python demo.py)",
+        f"{secs:.0f} s" if secs is not None else "not run", "", "", "",
+        fmt_load(mean_load(e)) if e2e else "n/a",
+        e["status"] + (f" (written {e['mtime']})" if "mtime" in e else "")
+        + (f"; timed here: {e['measured_s']:.0f} s" if "measured_s" in e else ""))
+    J.update(e2e_seconds=secs, e2e_measured_seconds=e.get("measured_s"))
+
+
+ROWS = {1: row_train, 2: row_sampling, 3: row_quantizer, 4: row_vae, 5: row_tokenizer}
+
+
 def run_bench(mode: str, rows: list, device: torch.device, threads: int, in_process: bool,
               compile_model: bool, e2e: bool, log=print) -> dict:
     """Measure the requested rows -> {'table': [row dicts], 'json': figures, 'notes': [...]}."""
-    S = dict(SETTINGS[mode])
-    if device.type == "cuda" and mode != "tiny":
-        S.update(CUDA_SETTINGS)
-    run = Runner(threads, in_process, log)
-    dev = str(device)
-    reps = S["repeats"]
-    m = machine(device)
-    if threads:
-        m["threads"] = threads
-    ms = machine_short(m)
-    table, J, notes = [], {"mfu": None, "sampling_cache_speedup": None, "quantizer_speedup": None,
-                           "quantizer_memory_ratio": None}, []
-
-    def add(row, what, ours, baseline, ratio, memory, load, settings):
-        table.append(dict(row=row, what=what, ours=ours, baseline=baseline, ratio=ratio, memory=memory,
-                          load=load, machine=ms, settings=settings))
-
-    fp32_name = "fp32 (TF32)" if device.type == "cuda" else "fp32"
-    if 1 in rows:
-        log("row 1: peak matmul, BiART training")
-        peak = run("peak", device=dev, sizes=S["peak_sizes"], repeats=reps)
-        p32, p16 = peak["float32"], peak["bfloat16"]
-        J["peak_gflops"] = {k: {p: v["gflops"] for p, v in peak[k]["paths"].items()} for k in ("float32", "bfloat16")}
-        notes.append("peak matmul GFLOP/s (best size of " + ", ".join(map(str, S["peak_sizes"])) + "): "
-                     + "; ".join(f"{'fp32' if k == 'float32' else 'bf16'}: " + ", ".join(
-                         f"{p} {v['gflops']:.0f}" for p, v in peak[k]["paths"].items()) for k in ("float32", "bfloat16"))
-                     + f" (load {fmt_load(mean_load(p32, p16))}).")
-        tr = dict(device=dev, preset=S["train_preset"], overrides=S["train_overrides"], batch=S["train_batch"],
-                  repeats=reps)
-        ours = run("train", kind="ours", dtype="float32", **tr)
-        base = run("train", kind="baseline", dtype="float32", **tr)
-        bf16 = run("train", kind="ours", dtype="bfloat16", **tr)
-        cfg = biart.BiARTConfig.preset(S["train_preset"], **S["train_overrides"])
-        size = (f"{cfg.n_layer}x{cfg.n_embd}, {cfg.n_head} heads, vocab {cfg.vocab_size:,}, T {cfg.block_size - 1:,}, "
-                f"batch {S['train_batch']}, dropout {cfg.dropout}, {ours['params'] / 1e6:.1f}M params")
-        mfu = ours["model_gflops_per_s"] / p32["best_gflops"]
-        mfu_base = base["model_gflops_per_s"] / p32["best_gflops"]
-        mfu16 = bf16["model_gflops_per_s"] / p16["best_gflops"]
-        add("1", f"BiART training tokens/s, {fp32_name}",
-            f"{ours['tokens_per_s']:,.0f} tok/s, MFU {100 * mfu:.0f}%",
-            f"minGPT-style: {base['tokens_per_s']:,.0f} tok/s (its MFU {100 * mfu_base:.0f}%)",
-            f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}x", "",
-            fmt_load(mean_load(ours, base)),
-            f"{size}; step = fwd+bwd+clip+AdamW; MFU = {ours['flops_per_token'] / 1e6:.0f} MFLOP/token "
-            f"x tok/s / peak {p32['best_gflops']:.0f} GFLOP/s ({p32['best_path']}); baseline "
-            f"{base['flops_per_token'] / 1e6:.0f} MFLOP/token")
-        add("1b", "BiART training tokens/s, bf16 autocast",
-            f"{bf16['tokens_per_s']:,.0f} tok/s, MFU {100 * mfu16:.0f}% of bf16 peak",
-            f"ours {fp32_name}: {ours['tokens_per_s']:,.0f} tok/s", f"{bf16['tokens_per_s'] / ours['tokens_per_s']:.2f}x",
-            "", fmt_load(mean_load(bf16)),
-            f"same; bf16 peak {p16['best_gflops']:.0f} GFLOP/s ({p16['best_path']})")
-        J.update(mfu=mfu, mfu_bf16=mfu16, train_tokens_per_s=ours["tokens_per_s"],
-                 baseline_tokens_per_s=base["tokens_per_s"], baseline_mfu=mfu_base,
-                 train_speedup=ours["tokens_per_s"] / base["tokens_per_s"],
-                 train_bf16_tokens_per_s=bf16["tokens_per_s"], train_step_seconds=ours["median"],
-                 baseline_step_seconds=base["median"], train_flops_per_token=ours["flops_per_token"])
-        notes.append(f"row 1 losses at the first step (same init seed, different formulations): ours "
-                     f"{ours['first_loss']:.4f}, baseline {base['first_loss']:.4f}; per-step seconds ours "
-                     f"{[round(t, 3) for t in ours['times']]}, baseline {[round(t, 3) for t in base['times']]}.")
-        if compile_model:
-            comp = run("train", kind="ours", dtype="float32", compile_model=True, **tr)
-            add("1c", f"BiART training tokens/s, torch.compile, {fp32_name}",
-                f"{comp['tokens_per_s']:,.0f} tok/s, MFU {100 * comp['model_gflops_per_s'] / p32['best_gflops']:.0f}%",
-                f"ours eager: {ours['tokens_per_s']:,.0f} tok/s", f"{comp['tokens_per_s'] / ours['tokens_per_s']:.2f}x",
-                "", fmt_load(mean_load(comp)), f"same; the first two steps (compiling) took {comp['warm_s']:.0f} s")
-            J.update(compile_tokens_per_s=comp["tokens_per_s"], compile_seconds=comp["warm_s"])
-        if S["train_dropout_row"]:
-            drop = run("train", kind="ours", dtype="float32",
-                       **{**tr, "overrides": {**S["train_overrides"], "dropout": 0.1}})
-            add("1d", f"BiART training tokens/s, dropout 0.1 (the preset's), {fp32_name}",
-                f"{drop['tokens_per_s']:,.0f} tok/s", f"ours dropout 0: {ours['tokens_per_s']:,.0f} tok/s",
-                f"{drop['tokens_per_s'] / ours['tokens_per_s']:.2f}x", "", fmt_load(mean_load(drop)),
-                "same; attention dropout leaves SDPA's fused kernel on CPU (CUDA's flash kernel has dropout)")
-            J["train_dropout01_tokens_per_s"] = drop["tokens_per_s"]
-
-    if 2 in rows:
-        log("row 2: sampling")
-        cfg = biart.BiARTConfig.preset(S["sample_preset"], **S["sample_overrides"])
-        length = min(S["sample_length"], cfg.image_len)
-        for b in S["sample_batches"]:
-            sp = dict(device=dev, preset=S["sample_preset"], overrides=S["sample_overrides"], batch=b, length=length,
-                      repeats=reps)
-            e2e = b == min(S["sample_batches"])  # one whole generate() call checks the sum of steps
-            cache = run("sample", mode="cache", points=S["sample_points"], check_tokens=S["check_tokens"],
-                        end_to_end=e2e, **sp)
-            rec = run("sample", mode="recompute", points=S["sample_points"], **sp)
-            speedup = rec["seconds"] / cache["seconds"]
-            e2e_speedup = rec["seconds"] / cache["end_to_end_seconds"] if e2e else None
-            add("2", f"text->image sampling, batch {b}",
-                f"KV cache {cache['tokens_per_s']:,.1f} img tok/s ({cache['seconds']:.1f} s"
-                + (f"; one whole generate() call: {cache['end_to_end_seconds']:.1f} s)" if e2e else ")"),
-                f"recompute {rec['tokens_per_s']:,.2f} img tok/s ({rec['seconds']:.0f} s)",
-                f"{speedup:.1f}x" + (f" ({e2e_speedup:.1f}x by the whole call)" if e2e else ""),
-                f"{fmt_bytes(cache['peak_bytes'])} / {fmt_bytes(rec['peak_bytes'])}",
-                fmt_load(mean_load(cache, rec)),
-                f"{cfg.n_layer}x{cfg.n_embd}, {cfg.text_len} text + {length} of {cfg.image_len} image tokens, fp32, "
-                f"multinomial over the image ids; seconds = sum of steps timed at {len(rec['points'])} positions "
-                f"(sum_of_quadratic), same method for both")
-            key = "sampling_cache_speedup" if b == max(S["sample_batches"]) else f"sampling_cache_speedup_b{b}"
-            J[key] = speedup
-            J[f"sampling_b{b}"] = {
-                "cache_tokens_per_s": cache["tokens_per_s"], "recompute_tokens_per_s": rec["tokens_per_s"],
-                "cache_seconds": cache["seconds"], "cache_end_to_end_seconds": cache.get("end_to_end_seconds"),
-                "recompute_seconds": rec["seconds"], "speedup": speedup, "speedup_end_to_end": e2e_speedup,
-                "cache_peak_bytes": cache["peak_bytes"], "recompute_peak_bytes": rec["peak_bytes"],
-                "cache_prefill_seconds": cache["prefill_seconds"],
-                "cache_step_seconds": dict(zip(map(str, cache["points"]), cache["step_seconds"])),
-                "recompute_step_seconds": dict(zip(map(str, rec["points"]), rec["step_seconds"])),
-                "identical_tokens": cache.get("identical")}
-            notes.append(f"row 2 batch {b}: cached and recompute sampling gave "
-                         f"{'identical' if cache.get('identical') else 'DIFFERENT'} tokens ("
-                         f"the first {min(S['check_tokens'], length)} of each of {b} rows, same seed); seconds per "
-                         f"step at image token t: cache (prefill {cache['prefill_seconds']:.3f}) "
-                         + ", ".join(f"{t}: {x:.4f}" for t, x in zip(cache["points"], cache["step_seconds"]))
-                         + "; recompute " + ", ".join(f"{t}: {x:.3f}" for t, x in zip(rec["points"], rec["step_seconds"]))
-                         + ".")
-
-    if 3 in rows:
-        log("row 3: quantizer")
-        with tempfile.TemporaryDirectory() as tmp:
-            qp = dict(device=dev, shape=S["quant_shape"], codes=S["quant_codes"], chunk=S["quant_chunk"], repeats=reps)
-            ours = run("quantizer", kind="ours", save=os.path.join(tmp, "ours.pt"), **qp)
-            ref = run("quantizer", kind="reference", save=os.path.join(tmp, "ref.pt"), **qp)
-            same = compare_quantizer(torch.load(os.path.join(tmp, "ours.pt"), weights_only=True),
-                                     torch.load(os.path.join(tmp, "ref.pt"), weights_only=True))
-        speed = ref["seconds"] / ours["seconds"]
-        mem = ref["peak_bytes"] / ours["peak_bytes"] if ours["peak_bytes"] and ref["peak_bytes"] else None
-        identical = same["indices"] and same["counts"] and same["state"]
-        add("3", "EMA quantizer training step",
-            f"{ours['seconds']:.3f} s, peak +{fmt_bytes(ours['peak_bytes'])}",
-            f"one-hot: {ref['seconds']:.3f} s, peak +{fmt_bytes(ref['peak_bytes'])}",
-            f"{speed:.1f}x time, {mem:.1f}x memory" if mem else f"{speed:.1f}x time",
-            f"{fmt_bytes(ours['peak_bytes'])} / {fmt_bytes(ref['peak_bytes'])}", fmt_load(mean_load(ours, ref)),
-            f"input {tuple(S['quant_shape'])}, {S['quant_codes']} x {S['quant_shape'][1]} codes, fp32, chunk "
-            f"{S['quant_chunk']}; identical indices {same['indices']}, counts {same['counts']}, "
-            f"codebook state after the step {same['state']}")
-        J.update(quantizer_speedup=speed, quantizer_memory_ratio=mem, quantizer_identical=identical,
-                 quantizer_seconds=ours["seconds"], quantizer_reference_seconds=ref["seconds"],
-                 quantizer_peak_bytes=ours["peak_bytes"], quantizer_reference_peak_bytes=ref["peak_bytes"],
-                 quantizer_checks=same)
-
-    if 4 in rows:
-        log("row 4: AugVAE")
-        vp = dict(device=dev, preset=S["vae_preset"], overrides=S["vae_overrides"], batch=S["vae_batch"], repeats=reps)
-        vcfg = augvae.preset(S["vae_preset"], single_level=True, **S["vae_overrides"])
-        for op in ("encode", "decode"):
-            f32 = run("vae", op=op, dtype="float32", **vp)
-            b16 = run("vae", op=op, dtype="bfloat16", **vp)
-            settings = (f"{S['vae_preset']} SL, {f32['params'] / 1e6:.1f}M params, {vcfg.image_size} px, "
-                        f"batch {S['vae_batch']}, random weights")
-            add("4", f"AugVAE-SL {op} images/s, {fp32_name}", f"{f32['images_per_s']:.2f} img/s", "(none: the "
-                "library path, as prepare.py runs it)", "", fmt_bytes(f32["peak_bytes"]), fmt_load(mean_load(f32)),
-                settings)
-            add("4", f"AugVAE-SL {op} images/s, bf16 autocast", f"{b16['images_per_s']:.2f} img/s",
-                f"{fp32_name}: {f32['images_per_s']:.2f} img/s", f"{b16['images_per_s'] / f32['images_per_s']:.2f}x",
-                fmt_bytes(b16["peak_bytes"]), fmt_load(mean_load(b16)),
-                settings + "; bf16 changes the numerics (the VQ distances stay fp32)")
-            J[f"vae_{op}_images_per_s"] = f32["images_per_s"]
-            J[f"vae_{op}_bf16_images_per_s"] = b16["images_per_s"]
-            J[f"vae_{op}_peak_bytes"] = f32["peak_bytes"]
-            J[f"vae_{op}_bf16_peak_bytes"] = b16["peak_bytes"]
-
-    if 5 in rows:
-        log("row 5: tokenizer")
-        ours = run("tokenizer", device="cpu", kind="ours", count=S["tok_count"], repeats=reps)
-        clip = run("tokenizer", device="cpu", kind="clip", count=S["tok_count"], repeats=reps)
-        has_clip = "skipped" not in clip
-        add("5", "tokenizer captions/s (cold cache)", f"{ours['captions_per_s']:,.0f} captions/s",
-            f"CLIP simple_tokenizer: {clip['captions_per_s']:,.0f} captions/s" if has_clip else clip["skipped"],
-            f"{ours['captions_per_s'] / clip['captions_per_s']:.2f}x" if has_clip else "",
-            "", fmt_load(mean_load(ours, clip if has_clip else None)),
-            f"{S['tok_count']:,} COCO-style captions (tokenizer.bench_captions), CLIP BPE, one process")
-        J.update(tokenizer_captions_per_s=ours["captions_per_s"],
-                 clip_tokenizer_captions_per_s=clip.get("captions_per_s"))
-
-    if 6 in rows:
-        e = e2e_row(os.path.join(ROOT, DEMO_RESULTS), run=e2e)
-        secs = e.get("seconds")
-        add("6", "README demo end to end (python demo.py)",
-            f"{secs:.0f} s" if secs is not None else "not run", "", "", "",
-            fmt_load(mean_load(e)) if e2e else "n/a",
-            e["status"] + (f" (written {e['mtime']})" if "mtime" in e else "")
-            + (f"; timed here: {e['measured_s']:.0f} s" if "measured_s" in e else ""))
-        J.update(e2e_seconds=secs, e2e_measured_seconds=e.get("measured_s"))
-    return {"table": table, "json": J, "notes": notes, "machine": m, "settings": S}
+    c = Rows(mode, device, threads, in_process, log)
+    c.compile_model = compile_model
+    for n in sorted(rows):
+        if n == 6:
+            row_e2e(c, e2e)
+        else:
+            ROWS[n](c)
+    return {"table": c.table, "json": c.J, "notes": c.notes, "machine": c.machine, "settings": c.S}
 
 
 def print_table(result: dict, mode: str, elapsed: float) -> None:
@@ -1050,232 +1183,6 @@ def print_table(result: dict, mode: str, elapsed: float) -> None:
     print("- peak memory: what the measured call added above the memory in use before it, on its first "
           "call, each measurement in a fresh process (VmHWM reset by /proc/self/clear_refs on Linux CPU; "
           "torch.cuda.max_memory_allocated on CUDA); row 2: cache / recompute, row 3: ours / one-hot.")
-
-
-# -----------------------------------------------------------------------------------------
-# the GPU check
-
-def gpu_check(device_name: str, threads: int) -> int:
-    """One command for a CUDA machine: every CUDA path once, then the bench rows there.
-      1. BiART: train steps under bf16 autocast and under fp16 with a GradScaler, fused AdamW;
-         SDPA's flash kernel forced on for a training step with dropout; cached vs recompute sampling.
-      2. AugVAE ML: train steps under bf16 autocast, fused AdamW; VQ statistics stay fp32.
-      3. torch.compile of a BiART training step (optional path: a failure is reported, not fatal).
-      4. The scripts under torchrun with NCCL (min(2, GPUs) processes): train_vae.py --ml (bf16),
-         --sl (fp16 + GradScaler), prepare.py, tokenizer.py train, train_gpt.py (bf16); with two
-         processes, both ranks must end with bit-identical weights.
-      5. `python bench.py --quick` on the GPU (its table).
-    `--device cpu` runs the same plumbing on CPU (gloo, fp32 training scripts) to check the commands.
-    Exit status 1 if any check failed."""
-    if device_name == "auto":
-        device_name = "cuda"
-    device = torch.device(device_name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench.py --gpu-check: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", 0)  # torch.cuda.set_device needs an index
-    if threads:
-        torch.set_num_threads(threads)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    results = []
-
-    class Skip(Exception):
-        pass
-
-    def skip(why: str):
-        raise Skip(why)
-
-    def check(name):
-        def wrap(fn):
-            t0 = time.perf_counter()
-            try:
-                detail = fn() or ""
-                results.append((name, "PASS", detail))
-            except Skip as e:
-                results.append((name, "SKIP", str(e)))
-            except Exception as e:  # report every check, whatever fails
-                results.append((name, "FAIL", f"{type(e).__name__}: {str(e)[-600:]}"))
-            print(f"[{results[-1][1]}] {name} ({time.perf_counter() - t0:.0f} s) {results[-1][2]}", flush=True)
-        return wrap
-
-    env_line = f"torch {torch.__version__}, device {device}"
-    if cuda:
-        env_line += (f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
-                     f"{torch.cuda.device_count()} GPU(s), bf16 {torch.cuda.is_bf16_supported()}, "
-                     f"NCCL {torch.distributed.is_nccl_available()})")
-    print("gpu-check: " + env_line, flush=True)
-
-    cfg = biart.BiARTConfig.preset("medium", n_layer=2, dropout=0.1)
-
-    def biart_steps(dtype: torch.dtype, steps: int = 3, flash: bool = False) -> str:
-        torch.manual_seed(0)
-        model = biart.BiART(cfg).to(device).train()
-        opt = model.configure_optimizers(0.01, 3e-4, (0.9, 0.95), 1e-8, device.type)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        text, image = fake_batch(cfg, 4, 0)
-        losses = []
-        for i in range(steps):
-            idx, seg, targets = (t.to(device) for t in biart.build_sequence(text, image, biart.DIRECTIONS[i % 2], cfg))
-            ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-            kern = contextlib.nullcontext()
-            if flash:
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-                kern = sdpa_kernel([SDPBackend.FLASH_ATTENTION])  # raises if flash cannot run these inputs
-            with ctx, kern:
-                loss = model(idx, seg, targets)[1]
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
-        if not all(math.isfinite(x) for x in losses):
-            raise RuntimeError(f"non-finite losses {losses}")
-        fused = opt.param_groups[0].get("fused")
-        return f"losses {', '.join(f'{x:.3f}' for x in losses)}; fused AdamW {fused}"
-
-    amp16 = torch.bfloat16
-    check("BiART bf16 autocast train steps")(lambda: biart_steps(amp16))
-    check("BiART fp16 autocast + GradScaler train steps")(
-        lambda: biart_steps(torch.float16) if cuda else skip("CUDA only"))
-    check("BiART train step with SDPA forced to the flash kernel (dropout 0.1)")(
-        lambda: biart_steps(amp16, 1, flash=True) if cuda else skip("CUDA only (the CPU flash kernel has no dropout)"))
-
-    def sampling():
-        torch.manual_seed(0)
-        model = biart.BiART(biart.BiARTConfig.preset("medium", n_layer=2)).to(device).eval()
-        text, _ = fake_batch(model.config, 2, 0)
-        text = text.to(device)
-        g = torch.Generator(device=device)
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 for the comparison
-        image = torch.randint(0, model.config.image_vocab, (2, model.config.image_len), device=device)
-        runs = []
-        try:
-            for cond, direction, guidance in ((text, "t2i", 1.0), (text, "t2i", 2.0), (image, "i2t", 1.0)):
-                a = model.generate(cond, direction, length=32, generator=g.manual_seed(0), guidance=guidance)
-                b = model.generate_nocache(cond, direction, length=32, generator=g.manual_seed(0), guidance=guidance)
-                runs.append(f"{direction} guidance {guidance:g}: {int((a == b).all(1).sum())} of {a.size(0)}")
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
-        return "rows identical over 32 tokens (cached vs recompute, fp32, same seed): " + "; ".join(runs)
-    check("BiART cached vs recompute sampling (guided too)")(sampling)
-
-    def vae_steps():
-        torch.manual_seed(0)
-        model = augvae.AugVAE(augvae.preset("small")).to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-        x = torch.rand(4, 3, 64, 64, device=device) * 2 - 1
-        losses = []
-        for _ in range(3):
-            with torch.autocast(device.type, dtype=amp16):
-                recon, commit, _ = model(x)
-                loss = F.mse_loss(recon.float(), x) + commit
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
-        q = model.quantizer
-        if not all(b.dtype in (torch.float32, torch.long, torch.bool) for b in q.buffers()):
-            raise RuntimeError("a quantizer buffer is no longer fp32 after autocast steps")
-        if not all(math.isfinite(v) for v in losses):
-            raise RuntimeError(f"non-finite losses {losses}")
-        return f"losses {', '.join(f'{v:.3f}' for v in losses)}"
-    check("AugVAE-ML bf16 autocast train steps")(vae_steps)
-
-    def compiled():
-        step, _ = make_trainer("ours", biart.BiARTConfig.preset("medium", n_layer=2, dropout=0.0), 2,
-                               "bfloat16" if cuda else "float32", device, compile_model=True)
-        t0 = time.perf_counter()
-        step()
-        step()
-        sync(device)
-        return f"2 compiled steps (compiling included) in {time.perf_counter() - t0:.0f} s, losses {step.state['losses']}"
-    check("torch.compile BiART train step (optional path)")(compiled)
-
-    tmp = tempfile.mkdtemp(prefix="gpu_check_")
-    world = min(2, torch.cuda.device_count()) if cuda else 2
-    dtype_vae, dtype_sl, dtype_gpt = ("bfloat16", "float16", "bfloat16") if cuda else ("float32",) * 3
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    dev_flag = ["--device", "cuda" if cuda else "cpu"]
-
-    def torchrun(script: str, args: list, procs: int = world) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-               os.path.join(ROOT, script), *args]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[3:])} exited {r.returncode}: {(r.stderr or r.stdout)[-1500:]}")
-
-    def same_ranks(folder: str) -> str:
-        if world < 2:
-            return "one process (one GPU): NCCL DDP ran with world size 1"
-        a = torch.load(os.path.join(folder, "rank0.pt"), map_location="cpu", weights_only=True)
-        b = torch.load(os.path.join(folder, "rank1.pt"), map_location="cpu", weights_only=True)
-        bad = [k for k in a if not torch.equal(a[k], b[k])]
-        if bad:
-            raise RuntimeError(f"ranks differ in {len(bad)} tensors, e.g. {bad[0]}")
-        return f"{world} processes, ranks bit-identical ({len(a)} tensors)"
-
-    vae_args = ["--image-size", "32", "--batch-size", "4", "--train-size", "64", "--val-size", "8",
-                "--grid-images", "4", "--log-every", "1", *dev_flag]
-    ml, sl = os.path.join(tmp, "vae_ml"), os.path.join(tmp, "vae_sl")
-    tokens, gpt = os.path.join(tmp, "tokens"), os.path.join(tmp, "gpt")
-    check(f"train_vae.py --ml under torchrun ({'NCCL' if cuda else 'gloo'}, {dtype_vae})")(lambda: (
-        torchrun("tests/ddp_train_vae.py", ["--ml", *vae_args, "--max-steps", "4", "--eval-every", "2",
-                                            "--dtype", dtype_vae, "--out", ml]), same_ranks(ml))[1])
-    check(f"train_vae.py --sl under torchrun ({dtype_sl}{' + GradScaler' if cuda else ''})")(lambda: (
-        torchrun("tests/ddp_train_vae.py", ["--sl", "--init", os.path.join(ml, "best.pt"), *vae_args,
-                                            "--max-steps", "2", "--dtype", dtype_sl, "--out", sl]), same_ranks(sl))[1])
-    check(f"prepare.py under torchrun ({world} processes)")(lambda: (torchrun("prepare.py", [
-        "--vae", os.path.join(sl, "best.pt"), "--out", tokens, "--train-size", "64", "--val-size", "8",
-        "--test-size", "0", "--heldout-size", "0", "--chunk-size", "16", *dev_flag]),
-        f"{len(os.listdir(tokens))} files in the token folder")[1])
-
-    def bpe():
-        with open(os.path.join(tokens, "train.jsonl")) as f:
-            caps = "".join(c + "\n" for line in f for c in json.loads(line)["captions"])
-        with open(os.path.join(tmp, "captions.txt"), "w") as f:
-            f.write(caps)
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", os.path.join(tmp, "captions.txt"),
-                            "--vocab-size", "600", "--out", os.path.join(tmp, "bpe.txt.gz")],
-                           capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr[-1000:])
-    check("tokenizer.py train")(bpe)
-    check(f"train_gpt.py under torchrun ({dtype_gpt})")(lambda: (
-        torchrun("tests/ddp_train_gpt.py", [
-            "--tokens", tokens, "--bpe", os.path.join(tmp, "bpe.txt.gz"), "--n-layer", "2", "--n-embd", "64",
-            "--n-head", "2", "--batch-size", "4", "--eval-images", "8", "--log-every", "1", "--max-steps", "4",
-            "--eval-every", "2", "--dtype", dtype_gpt, *dev_flag, "--out", gpt]), same_ranks(gpt))[1])
-
-    def bench_rows():
-        cmd = [sys.executable, os.path.abspath(__file__), "--quick" if cuda else "--tiny", "--device", str(device),
-               "--json", os.path.join(tmp, "bench.json")]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                           timeout=1800)
-        print(r.stdout, flush=True)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr[-2000:])
-        with open(os.path.join(tmp, "bench.json")) as f:
-            j = json.load(f)
-        return ", ".join(f"{k} {j[k]:.3g}" for k in ("mfu", "sampling_cache_speedup", "quantizer_speedup",
-                                                      "quantizer_memory_ratio") if j.get(k) is not None)
-    check("bench rows on the device (bench.py " + ("--quick" if cuda else "--tiny") + ")")(bench_rows)
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    failed = [r for r in results if r[1] == "FAIL"]
-    skipped = [r for r in results if r[1] == "SKIP"]
-    print(f"\ngpu-check: {len(results) - len(failed) - len(skipped)} passed, {len(failed)} failed, "
-          f"{len(skipped)} skipped ({env_line})")
-    for name, status, detail in results:
-        print(f"  [{status}] {name}: {detail}")
-    return 1 if failed else 0
 
 
 # -----------------------------------------------------------------------------------------
@@ -1306,7 +1213,6 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads per measurement (0: torch's default)")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process instead of a fresh one per measurement (faster; memory less isolated)")
-    p.add_argument("--gpu-check", action="store_true", help="run the CUDA checks (see gpu_check) and the rows on the GPU")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1317,12 +1223,10 @@ def main(argv: list | None = None) -> int:
             p.error(f"unknown worker {args.worker!r}")
         worker_main(args.worker, json.loads(args.spec), args.threads)
         return 0
-    if args.gpu_check:
-        return gpu_check(args.device, args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here")
+    try:
+        device = runtime.resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     mode_name = "quick" if args.quick else "tiny" if args.tiny else "full"
@@ -1337,8 +1241,7 @@ def main(argv: list | None = None) -> int:
                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         folder = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(folder, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
+        runtime.write_json(args.json, doc)
     return 0
 
 

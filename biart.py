@@ -203,8 +203,8 @@ def caption_to_model(raw_ids: Sequence[int], config: BiARTConfig, truncate: bool
         raise ValueError('raw_ids already contain end-of-text; pass the caption without it')
     if len(ids) > config.text_len - 1:
         if not truncate:
-            raise ValueError(f'caption of {len(ids)} tokens does not fit text_len {config.text_len} '
-                             '(one slot is the end-of-text); pass truncate=True to cut it')
+            raise ValueError(f'the caption is {len(ids)} tokens long; the model takes at most {config.text_len - 1} '
+                             f'(its text length {config.text_len} less the end-of-text); pass truncate=True to cut it')
         ids = ids[:config.text_len - 1]
     out = torch.full((config.text_len,), config.pad_id, dtype=torch.long)
     out[:len(ids) + 1] = text_to_model(torch.tensor(ids + [raw_eot], dtype=torch.long), config)
@@ -431,12 +431,12 @@ class BiART(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token
             wpe=nn.Embedding(config.block_size, config.n_embd),  # position (minGPT keeps block_size rows)
-            wse=nn.Embedding(2, config.n_embd),  # segment: REF, GEN (d-wide, see SPEC 2)
+            wse=nn.Embedding(2, config.n_embd),  # segment: REF, GEN (d-wide; paper section 3.4)
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied (SPEC 2)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from the token embedding
         # GPT-2 init; residual projections scaled by 1/sqrt(2 * n_layer)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -726,6 +726,13 @@ class BiART(nn.Module):
                   {'params': no_decay, 'weight_decay': 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps,
                                  fused=device_type in ('cuda', 'cpu'))
+
+
+def from_checkpoint(ckpt: dict) -> BiART:
+    """The model of a loaded train_gpt.py checkpoint dict (its 'config' and 'model' entries), strict."""
+    model = BiART(BiARTConfig.from_dict(ckpt['config']))
+    model.load_state_dict(ckpt['model'], strict=True)
+    return model
 
 
 if __name__ == '__main__':

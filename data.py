@@ -1,616 +1,31 @@
 """
-Data for L-Verse: the built-in captioned shapes dataset, real image folders, Fashion-MNIST.
+Data for L-Verse, beside the built-in shapes (shapes.py): real images, caption files,
+Fashion-MNIST and the token arrays BiART trains on.
 
-1. Captioned shapes (see shared SHAPES.md). Every example is generated on the fly, the same
-   on any machine, from (seed, split, num_objects, index): numpy draws the scene, PIL draws it
-   at 4x the target resolution and a box filter downsamples it (exact antialiasing).
-   - An object: a shape (SHAPES), a colour (COLOURS), a size (SIZES: small objects cover about
-     2-4% of the image, large ones about 5-10%), a position (POSITIONS, a 3x3 grid; the
-     object's area centroid lies in that cell, with a little jitter).
-   - Two objects: distinct cells whose grid offset is not a pure diagonal, so the relation of
-     objects[0] to objects[1] (RELATIONS) follows unambiguously from the geometry: the axis
-     with the larger grid offset decides ('left of' / 'right of' / 'above' / 'below'). Their
-     bounding boxes never touch.
-   - Captions: 5 paraphrases per image, from templates. Every caption names every attribute
-     (size, colour, shape and position of every object, plus the relation), so a caption is
-     a complete description: image->text can be scored exactly against the ground truth and
-     text->image against the caption alone. `parse_caption` reads any template back.
-   - Splits: 'train', 'val', 'test' are disjoint random streams of the same distribution.
-     HELDOUT_PAIRS, 3 of the 18 (colour, shape) pairs, never occur in those three splits;
-     they occur only in split 'heldout', where every 1-object example uses a held-out pair
-     and every 2-object example has at least one object with a held-out pair. Each held-out
-     pair keeps its colour and its shape seen elsewhere in training, so 'heldout' measures
-     composition, not new words.
-   - `analyze_image` reads the attributes back from pixels (the text->image metric);
-     `match_attributes` scores predicted against true attributes.
-2. Real images: `load_image` (robust decoding to RGB, one exception type), crops,
+1. Real images: `load_image` (robust decoding to RGB, one exception type), crops,
    `ImageFolder` (skips unreadable files), `save_grid`, `split_indices`.
-3. Fashion-MNIST, real photos with captions from templates: `read_idx` (the idx format, one-line
+2. Fashion-MNIST, real photos with captions from templates: `read_idx` (the idx format, one-line
    errors), `read_fashion_mnist`, `fashion_image` (28 px -> a 32 px RGB image, dark on white),
    `fashion_captions` (training paraphrases) and FASHION_HELDOUT_TEMPLATES (never trained on),
    `parse_fashion_caption` (the class a caption names).
-4. Training plumbing shared by the train scripts: `MicroBatches` (a resumable, rank-sharded
-   order of micro-batches), `EpochIndexed`, RNG state capture, and checkpoint files
-   (`load_checkpoint` / `save_checkpoint`: weights-only loads, atomic writes).
-5. CLI: `python data.py show ...` previews the shapes, `python data.py export ...` writes them
-   as an ordinary image folder plus captions.jsonl.
 """
 
-import argparse
-import contextlib
 import gzip
-import hashlib
-import itertools
 import json
 import math
 import os
 import random
 import re
-import sys
-import tempfile
 import warnings
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
-
-# -----------------------------------------------------------------------------
-# Captioned shapes: vocabulary
-
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {  # name -> RGB; every pair >= 90 apart, every colour >= 175 from any background
-    "red": (210, 35, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 210),
-    "yellow": (240, 215, 35),
-    "purple": (135, 60, 175),
-    "orange": (235, 120, 20),
-}
-SIZES = ("small", "large")
-POSITIONS = (  # row-major 3x3 grid
-    "top left", "top", "top right",
-    "left", "centre", "right",
-    "bottom left", "bottom", "bottom right",
-)
-RELATIONS = ("left of", "right of", "above", "below")  # objects[0] <relation> objects[1]
-# (colour, shape) pairs seen only in split 'heldout': one per shape, one per colour used
-HELDOUT_PAIRS = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
-SPLITS = ("train", "val", "test", "heldout")
-
-ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
-TRAIN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELDOUT_PAIRS)
-INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-# -----------------------------------------------------------------------------
-# Captioned shapes: geometry (all in units of the image side)
-
-SUPERSAMPLE = 4                                 # draw at 4x, box-filter down: antialiasing
-EXTENT = {"small": (0.17, 0.20), "large": (0.28, 0.32)}  # bounding-box side before SHAPE_SCALE
-SIZE_THRESHOLD = math.sqrt(0.20 * 0.28)         # analyzer: extent below -> small
-SHAPE_SCALE = {"circle": 1.1, "square": 1.0, "triangle": 1.25}  # evens out the covered area
-# area of a shape / (scaled extent)^2: circle pi/4, square 1, equilateral triangle sqrt(3)/4
-SHAPE_AREA = {"circle": math.pi / 4, "square": 1.0, "triangle": math.sqrt(3) / 4}
-JITTER = 0.05                                   # max offset of an object from its cell centre
-MARGIN = 0.03                                   # min distance of any object from the border
-PLACEMENT_TRIES = 20                            # jitter draws per two-object scene before new attributes
-GAP = 0.04                                      # min gap between two objects' bounding boxes
-COLOUR_JITTER = 6                               # per-channel jitter of an object's colour
-NOISE_STD = 2.0                                 # faint luminance grain on the whole image
-MIN_OBJECT_FRACTION = 0.004                     # analyzer: smaller components are specks
-MIN_ALPHA_ASSIGN = 0.2                          # analyzer: less coverage than this -> background
-MAX_RESIDUAL = 50.0                             # analyzer: max RGB distance from a background-colour line
-DROP_TRIANGLE = 0.045                           # analyzer: centroid below the box centre -> triangle (ideal 1/6)
-PALETTE = np.array([COLOURS[c] for c in COLOURS], dtype=np.float32)  # (6, 3)
-COLOUR_NAMES = tuple(COLOURS)
-
-
-def _cell(position):
-    i = POSITIONS.index(position)
-    return i // 3, i % 3  # (row, col)
-
-
-def _relation_from_offset(drow, dcol):
-    """Relation of object a to object b from (row_a - row_b, col_a - col_b); None on a tie."""
-    if abs(dcol) > abs(drow):
-        return "left of" if dcol < 0 else "right of"
-    if abs(drow) > abs(dcol):
-        return "above" if drow < 0 else "below"
-    return None
-
-
-# ordered pairs of distinct cells that are not on a diagonal of each other
-CELL_PAIRS = tuple(
-    (a, b) for a in POSITIONS for b in POSITIONS
-    if a != b and _relation_from_offset(_cell(a)[0] - _cell(b)[0], _cell(a)[1] - _cell(b)[1]) is not None
-)
-
-# -----------------------------------------------------------------------------
-# Captioned shapes: captions. Templates are lower case (and never put 'a' before a vowel);
-# rendering capitalises the first letter; parsing compiles every template into a regex.
-
-POSITION_PHRASES = {
-    "top left": ("in the top left corner", "at the top left", "in the upper left corner"),
-    "top": ("at the top", "near the top edge", "at the top centre"),
-    "top right": ("in the top right corner", "at the top right", "in the upper right corner"),
-    "left": ("on the left", "on the left side", "near the left edge"),
-    "centre": ("in the centre", "in the middle", "in the centre of the image"),
-    "right": ("on the right", "on the right side", "near the right edge"),
-    "bottom left": ("in the bottom left corner", "at the bottom left", "in the lower left corner"),
-    "bottom": ("at the bottom", "near the bottom edge", "at the bottom centre"),
-    "bottom right": ("in the bottom right corner", "at the bottom right", "in the lower right corner"),
-}
-RELATION_PHRASES = {
-    "left of": ("left of", "to the left of"),
-    "right of": ("right of", "to the right of"),
-    "above": ("above",),
-    "below": ("below", "under"),
-}
-TEMPLATES_1 = (
-    "a {size} {colour} {shape} {pos}.",
-    "there is a {size} {colour} {shape} {pos}.",
-    "{pos}, a {size} {colour} {shape}.",
-    "{pos} there is a {size} {colour} {shape}.",
-    "{size} {colour} {shape} {pos}.",
-    "a {shape}, {size} and {colour}, {pos}.",
-    "a picture of a {size} {colour} {shape} {pos}.",
-    "the image shows a {size} {colour} {shape} {pos}.",
-)
-TEMPLATES_2 = (
-    "a {size1} {colour1} {shape1} {pos1} {rel} a {size2} {colour2} {shape2} {pos2}.",
-    "there is a {size1} {colour1} {shape1} {pos1}, {rel} a {size2} {colour2} {shape2} {pos2}.",
-    "{pos1}, a {size1} {colour1} {shape1} {rel} a {size2} {colour2} {shape2} {pos2}.",
-    "a {size2} {colour2} {shape2} {pos2}, and a {size1} {colour1} {shape1} {pos1} {rel} it.",
-    "{size1} {colour1} {shape1} {pos1}, {rel} a {size2} {colour2} {shape2} {pos2}.",
-)
-CAPTIONS_PER_IMAGE = 5
-
-
-def _render(template, values):
-    text = template.format(**values)
-    return text[0].upper() + text[1:]
-
-
-def _alternation(name, phrases):
-    ordered = sorted(phrases, key=len, reverse=True)  # longest first
-    return "(?P<%s>%s)" % (name, "|".join(re.escape(p) for p in ordered))
-
-
-_POSITION_OF_PHRASE = {p: pos for pos, ps in POSITION_PHRASES.items() for p in ps}
-_RELATION_OF_PHRASE = {p: rel for rel, ps in RELATION_PHRASES.items() for p in ps}
-
-
-def _compile_template(template):
-    out = []
-    for k, part in enumerate(re.split(r"\{(\w+)\}", template.rstrip("."))):
-        if k % 2 == 0:  # literal text
-            lit = re.escape(part)
-            lit = lit.replace(",", ",?")  # commas optional
-            out.append(lit)
-            continue
-        kind = part.rstrip("12")
-        if kind == "size":
-            out.append(_alternation(part, SIZES))
-        elif kind == "colour":
-            out.append(_alternation(part, COLOURS))
-        elif kind == "shape":
-            out.append(_alternation(part, SHAPES))
-        elif kind == "pos":
-            out.append(_alternation(part, _POSITION_OF_PHRASE))
-        elif kind == "rel":
-            out.append(_alternation(part, _RELATION_OF_PHRASE))
-        else:
-            raise ValueError(f"unknown template field {part!r} in {template!r}")
-    return re.compile("".join(out))
-
-
-_PATTERNS_1 = tuple(_compile_template(t) for t in TEMPLATES_1)
-_PATTERNS_2 = tuple(_compile_template(t) for t in TEMPLATES_2)
-
-
-def _normalise_caption(text):
-    text = text.lower().replace("-", " ").replace("center", "centre")
-    text = re.sub(r"\s+", " ", text).strip()
-    text = re.sub(r" ?, ?", ", ", text)
-    text = re.sub(r"[\s.!]+$", "", text)
-    return text
-
-
-def parse_caption(text):
-    """Attributes from a caption any template produces: {'objects': [...], 'relation': ...},
-    objects as dicts with keys shape, colour, size, position. Case, extra whitespace, a
-    missing full stop, 'center' and 'top-left' are tolerated. None when no template fits."""
-    if not isinstance(text, str):
-        raise TypeError(f"parse_caption expects a str, got {type(text).__name__}")
-    text = _normalise_caption(text)
-    for pattern in _PATTERNS_1:
-        m = pattern.fullmatch(text)
-        if m:
-            obj = {"shape": m["shape"], "colour": m["colour"], "size": m["size"],
-                   "position": _POSITION_OF_PHRASE[m["pos"]]}
-            return {"objects": [obj], "relation": None}
-    for pattern in _PATTERNS_2:
-        m = pattern.fullmatch(text)
-        if m:
-            objs = [{"shape": m[f"shape{k}"], "colour": m[f"colour{k}"], "size": m[f"size{k}"],
-                     "position": _POSITION_OF_PHRASE[m[f"pos{k}"]]} for k in (1, 2)]
-            return {"objects": objs, "relation": _RELATION_OF_PHRASE[m["rel"]]}
-    return None
-
-# -----------------------------------------------------------------------------
-# Captioned shapes: generation
-
-
-@dataclass
-class ShapesExample:
-    image: np.ndarray          # (H, W, 3) uint8
-    objects: list[dict]        # dicts with keys shape, colour, size, position
-    relation: str | None       # objects[0] <relation> objects[1]; None for one object
-    captions: list[str]        # CAPTIONS_PER_IMAGE paraphrases
-    mask: np.ndarray | None = None  # (H, W) float32 in [0, 1]: object coverage (foreground weighting)
-
-
-def _example_rng(seed, split, num_objects, index):
-    # crc32 of the split name: stable across runs and machines (str hash() is salted)
-    entropy = [seed, zlib.crc32(split.encode()), num_objects, index]
-    return np.random.default_rng(np.random.SeedSequence(entropy))
-
-
-def _object_box(shape, extent, cx, cy):
-    """(x0, y0, x1, y1) of an object whose area centroid is (cx, cy)."""
-    w = extent * SHAPE_SCALE[shape]
-    if shape == "triangle":  # equilateral, pointing up; the centroid is 2/3 of the way down
-        h = w * math.sqrt(3) / 2
-        return cx - w / 2, cy - 2 * h / 3, cx + w / 2, cy + h / 3
-    return cx - w / 2, cy - w / 2, cx + w / 2, cy + w / 2
-
-
-def _place(rng, shape, size, position):
-    """Sample an extent and a centroid in the position's cell, clamped inside the image."""
-    extent = rng.uniform(*EXTENT[size])
-    row, col = _cell(position)
-    cx = (col + 0.5) / 3 + rng.uniform(-JITTER, JITTER)
-    cy = (row + 0.5) / 3 + rng.uniform(-JITTER, JITTER)
-    x0, y0, x1, y1 = _object_box(shape, extent, cx, cy)
-    cx += max(0.0, MARGIN - x0) - max(0.0, x1 - (1 - MARGIN))
-    cy += max(0.0, MARGIN - y0) - max(0.0, y1 - (1 - MARGIN))
-    return extent, cx, cy
-
-
-def _boxes_apart(a, b):
-    return (a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1])
-
-
-def _sample_scene(rng, split, num_objects):
-    """Attributes and geometry: (objects, relation, placements)."""
-    if split == "heldout":
-        heldout_slot = int(rng.integers(num_objects))
-    for _ in range(1000):
-        pairs = []
-        for k in range(num_objects):
-            if split == "heldout":
-                choices = HELDOUT_PAIRS if k == heldout_slot else ALL_PAIRS
-            else:
-                choices = TRAIN_PAIRS
-            pairs.append(choices[int(rng.integers(len(choices)))])
-        sizes = [SIZES[int(rng.integers(len(SIZES)))] for _ in range(num_objects)]
-        if num_objects == 1:
-            positions = [POSITIONS[int(rng.integers(len(POSITIONS)))]]
-        else:
-            positions = list(CELL_PAIRS[int(rng.integers(len(CELL_PAIRS)))])
-        for _ in range(PLACEMENT_TRIES):  # new jitter first: keeps the attribute mix nearly uniform
-            placements = [_place(rng, s, z, p) for (_, s), z, p in zip(pairs, sizes, positions)]
-            boxes = [_object_box(s, *pl) for (_, s), pl in zip(pairs, placements)]
-            if num_objects == 1 or _boxes_apart(*boxes):
-                break
-        else:
-            continue  # these two cannot sit apart in these cells (e.g. two large triangles side by side)
-        objects = [{"shape": s, "colour": c, "size": z, "position": p}
-                   for (c, s), z, p in zip(pairs, sizes, positions)]
-        relation = None
-        if num_objects == 2:
-            (r0, c0), (r1, c1) = _cell(positions[0]), _cell(positions[1])
-            relation = _relation_from_offset(r0 - r1, c0 - c1)
-        return objects, relation, placements
-    raise RuntimeError("could not place two non-touching objects")  # unreachable in practice
-
-
-def _captions(rng, objects, relation):
-    def pick(options):
-        return options[int(rng.integers(len(options)))]
-    if len(objects) == 1:
-        o = objects[0]
-        chosen = rng.choice(len(TEMPLATES_1), size=CAPTIONS_PER_IMAGE, replace=False)
-        return [_render(TEMPLATES_1[t], {"size": o["size"], "colour": o["colour"], "shape": o["shape"],
-                                         "pos": pick(POSITION_PHRASES[o["position"]])})
-                for t in chosen]
-    chosen = rng.permutation(len(TEMPLATES_2))[:CAPTIONS_PER_IMAGE]
-    captions = []
-    for t in chosen:
-        values = {"rel": pick(RELATION_PHRASES[relation])}
-        for k, o in enumerate(objects, start=1):
-            values.update({f"size{k}": o["size"], f"colour{k}": o["colour"], f"shape{k}": o["shape"],
-                           f"pos{k}": pick(POSITION_PHRASES[o["position"]])})
-        captions.append(_render(TEMPLATES_2[t], values))
-    return captions
-
-
-def _draw_coverage(shape, extent, cx, cy, image_size):
-    """(S, S) float32 coverage in [0, 1] of one object, drawn at 4x and box-filtered."""
-    big = image_size * SUPERSAMPLE
-    canvas = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(canvas)
-    x0, y0, x1, y1 = (v * big for v in _object_box(shape, extent, cx, cy))
-    if shape == "circle":
-        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=255)
-    elif shape == "square":
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=255)
-    elif shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    small = canvas.resize((image_size, image_size), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0
-
-
-def _check_shapes_args(split, num_objects, image_size):
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if num_objects not in (1, 2):
-        raise ValueError(f"num_objects must be 1 or 2, got {num_objects!r}")
-    if not 32 <= image_size <= 512:
-        raise ValueError(f"image_size must be in 32..512, got {image_size!r}")
-
-
-def shapes_example(index: int, split: str = "train", image_size: int = 64, num_objects: int = 1,
-                   seed: int = 0) -> ShapesExample:
-    """Example `index` of a split. The scene and captions depend on (seed, split,
-    num_objects, index) only, so the same index at 64 and 256 px shows the same scene."""
-    _check_shapes_args(split, num_objects, image_size)
-    if index < 0 or seed < 0:
-        raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
-    rng = _example_rng(seed, split, num_objects, index)
-    objects, relation, placements = _sample_scene(rng, split, num_objects)
-    captions = _captions(rng, objects, relation)
-
-    # background: a pale grey/cream tint, a faint linear gradient (resolution independent)
-    base = rng.uniform(222, 240) + np.array([rng.uniform(0, 6), rng.uniform(-2, 3), rng.uniform(-8, 0)])
-    angle, amplitude = rng.uniform(0, 2 * math.pi), rng.uniform(0, 8)
-    tints = [np.array(COLOURS[o["colour"]]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3)
-             for o in objects]
-    noise_rng = np.random.default_rng(rng.integers(2**63))  # last: keeps the scene size-independent
-    t = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size - 0.5
-    ramp = t[None, :] * math.cos(angle) + t[:, None] * math.sin(angle)  # (S, S)
-    image = base[None, None, :] + (amplitude * ramp)[..., None]  # (S, S, 3)
-    mask = np.zeros((image_size, image_size), dtype=np.float32)
-    for o, (extent, cx, cy), tint in zip(objects, placements, tints):
-        alpha = _draw_coverage(o["shape"], extent, cx, cy, image_size)[..., None]
-        image = image * (1 - alpha) + tint[None, None, :] * alpha
-        mask = np.maximum(mask, alpha[..., 0])
-    image = image + noise_rng.normal(0, NOISE_STD, (image_size, image_size, 1))
-    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    return ShapesExample(image=image, objects=objects, relation=relation, captions=captions, mask=mask)
-
-
-class ShapesDataset(torch.utils.data.Dataset):
-    """`length` examples of a split as (3, H, W) float32 tensors in [-1, 1]."""
-
-    def __init__(self, split="train", length=10000, image_size=64, num_objects=1, seed=0):
-        _check_shapes_args(split, num_objects, image_size)
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length!r}")
-        self.split, self.length, self.image_size = split, length, image_size
-        self.num_objects, self.seed = num_objects, seed
-
-    def __len__(self):
-        return self.length
-
-    def example(self, i) -> ShapesExample:
-        if not 0 <= i < self.length:
-            raise IndexError(f"index {i} out of range for a dataset of {self.length}")
-        return shapes_example(int(i), self.split, self.image_size, self.num_objects, self.seed)
-
-    def __getitem__(self, i) -> torch.Tensor:
-        return _tensor_from_uint8(self.example(i).image)
-
-# -----------------------------------------------------------------------------
-# Captioned shapes: analyzer (attributes read back from pixels)
-
-
-def _components(mask):
-    """8-connected components of a boolean (H, W) mask, by union-find over row runs.
-    Returns run arrays (rows, starts, ends exclusive) and a component label per run."""
-    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    step = np.diff(padded, axis=1)  # (H, W + 1): +1 where a run starts, -1 after it ends
-    rows, starts = np.nonzero(step == 1)
-    _, ends = np.nonzero(step == -1)  # row-major, so run k's start and end pair up
-    n = len(rows)
-    parent = list(range(n))
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    row_start = np.searchsorted(rows, np.arange(mask.shape[0] + 1)).tolist()
-    starts_l, ends_l = starts.tolist(), ends.tolist()
-    for y in range(1, mask.shape[0]):
-        i, i_end = row_start[y - 1], row_start[y]
-        j, j_end = row_start[y], row_start[y + 1]
-        while i < i_end and j < j_end:
-            if starts_l[i] <= ends_l[j] and starts_l[j] <= ends_l[i]:  # touch incl. diagonally
-                ri, rj = find(i), find(j)
-                if ri != rj:
-                    parent[ri] = rj
-            if ends_l[i] < ends_l[j]:
-                i += 1
-            else:
-                j += 1
-    roots = np.array([find(k) for k in range(n)], dtype=np.int64)
-    _, labels = np.unique(roots, return_inverse=True)
-    return rows, starts, ends, labels
-
-
-def _soft_measures(alpha, x0, y0, w, h, colour):
-    """Measurements of one object from its coverage map alpha (a window at x0, y0 of an
-    h x w image): area, width and height in pixels (width = sum over columns of the column's
-    largest alpha), centroid cx, cy as fractions of the image side, and shape features."""
-    ys, xs = np.mgrid[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] + 0.5  # pixel centres
-    area = alpha.sum()
-    col_max, row_max = alpha.max(0), alpha.max(1)  # (window W,), (window H,)
-    width, height = col_max.sum(), row_max.sum()
-    cx, cy = (alpha * xs).sum() / area, (alpha * ys).sum() / area
-    # centre of the soft bounding box: where the column / row profiles balance
-    bx = (col_max * xs[0]).sum() / width
-    by = (row_max * ys[:, 0]).sum() / height
-    # corners of the soft bounding box: coverage within a triangle of legs width/4, height/4
-    u, v = (xs - (bx - width / 2)) / width, (ys - (by - height / 2)) / height  # 0..1 inside
-    inside = (u > 0) & (u < 1) & (v > 0) & (v < 1)
-    corners = []
-    for cu, cv in ((u, v), (1 - u, v), (u, 1 - v), (1 - u, 1 - v)):
-        region = inside & (cu + cv < 0.25)
-        if region.any():  # tiny objects: a corner region may hold no pixel centre
-            corners.append(alpha[region].mean())
-    return {"colour": colour, "area": float(area), "width": float(width), "height": float(height),
-            "cx": cx / w, "cy": cy / h,
-            "fill": float(area / (width * height)),       # circle pi/4, square 1, triangle 1/2
-            "drop": float((cy - by) / height),            # centroid below box centre: triangle 1/6, else 0
-            "corners": float(np.mean(corners)) if corners else None}  # square 1, circle 0
-
-
-def _object_stats(image):
-    """Candidate objects, largest first (dicts from _soft_measures).
-
-    An object pixel is a mix of the background (the image median) and one palette colour, so
-    it lies on the line from the background to that colour. Each pixel is assigned to the
-    colour whose line it is closest to (coverage alpha >= MIN_ALPHA_ASSIGN, distance below
-    MAX_RESIDUAL); this, unlike nearest-colour, keeps a blue edge half mixed with a pale
-    background from reading as purple. Pixels covered at least half are segmented into
-    8-connected components per colour; components under MIN_OBJECT_FRACTION of the image
-    are specks. Each component is then measured soft, from alpha in and next to it, so that
-    half-covered edge rows count half instead of flipping in and out with noise."""
-    pixels = image.astype(np.float32)
-    h, w = pixels.shape[:2]
-    background = np.median(pixels.reshape(-1, 3), axis=0)
-    offset = pixels - background  # (H, W, 3)
-    axes = PALETTE - background  # (6, 3): from the background to each colour
-    dots = offset @ axes.T  # (H, W, 6)
-    alphas = dots / (axes * axes).sum(1)  # (H, W, 6): coverage along each background-colour line
-    residual2 = (offset * offset).sum(-1, keepdims=True) - dots * alphas  # squared distance to each line
-    residual2[alphas < MIN_ALPHA_ASSIGN] = np.inf
-    nearest = residual2.argmin(-1)  # (H, W): the colour whose line the pixel lies on
-    assigned = residual2.min(-1) < MAX_RESIDUAL ** 2  # on some colour's line: an object or its fringe
-    foreground = assigned & (np.take_along_axis(alphas, nearest[..., None], -1)[..., 0] >= 0.5)
-    min_area = MIN_OBJECT_FRACTION * h * w
-    found = []
-    for k, name in enumerate(COLOUR_NAMES):
-        mask = foreground & (nearest == k)
-        if mask.sum() < min_area:
-            continue
-        rows, starts, ends, labels = _components(mask)
-        length = ends - starts
-        area = np.bincount(labels, weights=length)
-        others = assigned & (nearest != k)
-        for c in np.nonzero(area >= min_area)[0]:
-            sel = labels == c
-            r, s, e = rows[sel], starts[sel], ends[sel]
-            y0, y1 = max(r.min() - 1, 0), min(r.max() + 2, h)
-            x0, x1 = max(s.min() - 1, 0), min(e.max() + 1, w)
-            comp = np.zeros((y1 - y0, x1 - x0), dtype=bool)  # the component inside its window
-            pix_r = np.repeat(r, e - s) - y0
-            pix_c = np.arange(len(pix_r)) - np.repeat(np.cumsum(e - s) - (e - s), e - s) \
-                + np.repeat(s, e - s) - x0
-            comp[pix_r, pix_c] = True
-            near = comp.copy()  # dilate by one pixel (8-neighbourhood)
-            near[1:] |= comp[:-1]; near[:-1] |= comp[1:]
-            near[:, 1:] |= near[:, :-1].copy(); near[:, :-1] |= near[:, 1:].copy()
-            near &= ~others[y0:y1, x0:x1]
-            alpha = np.clip(alphas[y0:y1, x0:x1, k], 0, 1) * near
-            found.append(_soft_measures(alpha, x0, y0, w, h, name))
-    found.sort(key=lambda o: -o["area"])
-    return found
-
-
-def _classify(o, h, w):
-    if o["drop"] > DROP_TRIANGLE:
-        shape = "triangle"
-    else:  # circle vs square: bounding-box fill and corner coverage, each 0 for a circle, 1 for a square
-        squareness = (o["fill"] - SHAPE_AREA["circle"]) / (1 - SHAPE_AREA["circle"])
-        if o["corners"] is not None:
-            squareness = 0.5 * (squareness + o["corners"])
-        shape = "square" if squareness > 0.5 else "circle"
-    extent = math.sqrt(o["area"] / (h * w) / (SHAPE_AREA[shape] * SHAPE_SCALE[shape] ** 2))
-    size = "small" if extent < SIZE_THRESHOLD else "large"
-    col = min(int(o["cx"] * 3), 2)
-    row = min(int(o["cy"] * 3), 2)
-    return {"shape": shape, "colour": o["colour"], "size": size, "position": POSITIONS[3 * row + col]}
-
-
-def analyze_image(image: np.ndarray, num_objects: int = 1) -> dict | None:
-    """Attributes read from an (H, W, 3) uint8 image: {'objects': [...], 'relation': ...},
-    or None when fewer than `num_objects` objects are found. Segmentation: see _object_stats;
-    the largest `num_objects` components are kept. Shape: a triangle (pointing up) has its
-    centroid 1/6 of its height below the centre of its bounding box, a circle or a square
-    none; a square fills its bounding box and its corners (fill 1), a circle does not (fill
-    pi/4, corners empty). Size: the extent implied by the area for that shape, against
-    SIZE_THRESHOLD. Position: the cell of the area centroid. Relation: from the two cells
-    (the axis with the larger grid offset), from the centroids on a diagonal tie."""
-    if num_objects not in (1, 2):
-        raise ValueError(f"num_objects must be 1 or 2, got {num_objects!r}")
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-            and image.shape[2] == 3):
-        raise ValueError(f"expected an (H, W, 3) uint8 array, got "
-                         f"{getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}")
-    h, w = image.shape[:2]
-    found = _object_stats(image)
-    if len(found) < num_objects:
-        return None
-    found = found[:num_objects]
-    objects = [_classify(o, h, w) for o in found]
-    relation = None
-    if num_objects == 2:
-        (r0, c0), (r1, c1) = _cell(objects[0]["position"]), _cell(objects[1]["position"])
-        relation = _relation_from_offset(r0 - r1, c0 - c1)
-        if relation is None:
-            relation = _relation_from_offset(found[0]["cy"] - found[1]["cy"],
-                                             found[0]["cx"] - found[1]["cx"])
-        if relation is None:  # exactly equal centroids: no relation can be read
-            return None
-    return {"objects": objects, "relation": relation}
-
-
-OBJECT_ATTRIBUTES = ("shape", "colour", "size", "position")
-
-
-def match_attributes(pred: dict | None, truth: dict) -> dict:
-    """Per-attribute agreement of predicted with true attributes, plus 'exact' (all agree).
-    Objects are matched as a set: the assignment of predicted to true objects that agrees on
-    the most attributes is used, and the predicted relation is inverted when that assignment
-    swaps the two objects. An attribute counts only if it agrees for every object; 'relation'
-    is reported when the truth has one. A None prediction or a wrong object count: all False."""
-    keys = OBJECT_ATTRIBUTES + (("relation",) if truth.get("relation") is not None else ())
-    n = len(truth["objects"])
-    if pred is None or len(pred.get("objects", ())) != n:
-        return {**{k: False for k in keys}, "exact": False}
-    best = None
-    for perm in itertools.permutations(range(n)):
-        result = {k: all(pred["objects"][perm[i]][k] == truth["objects"][i][k] for i in range(n))
-                  for k in OBJECT_ATTRIBUTES}
-        if "relation" in keys:
-            rel = pred.get("relation")
-            if perm != tuple(range(n)):  # pred's objects[0] is truth's objects[1]
-                rel = INVERSE_RELATION.get(rel)
-            result["relation"] = rel == truth["relation"]
-        score = sum(sum(pred["objects"][perm[i]][k] == truth["objects"][i][k] for i in range(n))
-                    for k in OBJECT_ATTRIBUTES) + result.get("relation", 0)
-        if best is None or score > best[0]:
-            best = (score, result)
-    result = best[1]
-    result["exact"] = all(result.values())
-    return result
+from PIL import Image, ImageOps
+
+import biart
+import runtime
+import shapes
 
 # -----------------------------------------------------------------------------
 # Real images
@@ -622,11 +37,6 @@ class ImageError(ValueError):
 
 MAX_PIXELS = 89_478_485  # refuse larger images (PIL's own bomb threshold; 50 MP photos are fine)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def _first_line(e):
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _to_rgb(im):
@@ -685,13 +95,14 @@ def load_image(path) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"cannot load image {path}: too large ({_first_line(e)})") from None
+        raise ImageError(f"cannot load image {path}: too large ({runtime.first_line(e)})") from None
     except (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError,
             MemoryError, ZeroDivisionError) as e:  # what PIL's plugins raise on bad data
-        raise ImageError(f"cannot load image {path}: {_first_line(e)}") from None
+        raise ImageError(f"cannot load image {path}: {runtime.first_line(e)}") from None
 
 
-def _tensor_from_uint8(a):
+def from_uint8(a) -> torch.Tensor:
+    """(H, W, 3) uint8 array -> (3, H, W) float32 in [-1, 1]."""
     a = np.array(a, dtype=np.uint8)  # a copy: arrays from PIL are read-only
     return torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1.0
 
@@ -700,7 +111,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
     if img.mode != "RGB":
         raise ValueError(f"to_tensor expects an RGB image (see load_image), got mode {img.mode}")
-    return _tensor_from_uint8(np.asarray(img, dtype=np.uint8))
+    return from_uint8(np.asarray(img, dtype=np.uint8))
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -727,18 +138,7 @@ def save_grid(rows: list, path, pad: int = 2, pad_value: int = 255) -> None:
         for j, im in enumerate(to_uint8(r)):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             grid[y:y + h, x:x + w] = im
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(grid, "RGB").save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    runtime.write_atomic(path, lambda f: Image.fromarray(grid, "RGB").save(f, format="PNG"))
 
 
 def _uniform(rng):
@@ -871,6 +271,32 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple:
         n_val = min(max(n_val, 1), n - 1)
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
+# -----------------------------------------------------------------------------
+# The built-in captioned shapes (shapes.py) as a dataset of tensors
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """`length` examples of a split as (3, H, W) float32 tensors in [-1, 1]."""
+
+    def __init__(self, split="train", length=10000, image_size=64, num_objects=1, seed=0):
+        shapes.check_shapes_args(split, num_objects, image_size)
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length!r}")
+        self.split, self.length, self.image_size = split, length, image_size
+        self.num_objects, self.seed = num_objects, seed
+
+    def __len__(self):
+        return self.length
+
+    def example(self, i) -> shapes.ShapesExample:
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for a dataset of {self.length}")
+        return shapes.shapes_example(int(i), self.split, self.image_size, self.num_objects, self.seed)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        return from_uint8(self.example(i).image)
+
+
 # ----------------------------------------------------------------------------------------
 # Fashion-MNIST (Xiao et al. 2017): 70,000 real 28x28 grayscale photos of 10 kinds of
 # clothing, read from the standard idx files (gzipped or not), captioned from templates.
@@ -928,7 +354,7 @@ def read_idx(path, ndim: int | None = None) -> np.ndarray:
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off gzip, EOFError
-        raise ImageError(f"{path}: not a readable idx file ({_first_line(e)})") from None
+        raise ImageError(f"{path}: not a readable idx file ({runtime.first_line(e)})") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_MAGIC_TYPES or raw[3] == 0:
         raise ImageError(f"{path}: not an idx file (magic number {raw[:4].hex() or 'missing'})")
     dtype, dims = IDX_MAGIC_TYPES[raw[2]], raw[3]
@@ -1011,14 +437,14 @@ class FashionMNIST(torch.utils.data.Dataset):
 
 def fashion_caption(label: int, template: str) -> str:
     noun = FASHION_NOUNS[label]
-    return _render(template, {"a": "an" if noun[0] in "aeiou" else "a", "noun": noun})
+    return shapes.render_caption(template, {"a": "an" if noun[0] in "aeiou" else "a", "noun": noun})
 
 
 def fashion_captions(label: int, index: int, split: str = "train", seed: int = 0) -> list:
     """CAPTIONS_PER_IMAGE training paraphrases of image `index` of a split, drawn without
     replacement from FASHION_TEMPLATES; they depend on (seed, split, index) only."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(f"fashion/{split}".encode()), index]))
-    chosen = rng.choice(len(FASHION_TEMPLATES), size=CAPTIONS_PER_IMAGE, replace=False)
+    chosen = rng.choice(len(FASHION_TEMPLATES), size=shapes.CAPTIONS_PER_IMAGE, replace=False)
     return [fashion_caption(label, FASHION_TEMPLATES[t]) for t in chosen]
 
 
@@ -1043,374 +469,254 @@ def parse_fashion_caption(text: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------
-# training plumbing shared by the train scripts: a resumable, rank-sharded order of
-# micro-batches, RNG state capture, checkpoint files
+# Captioned image sources (what prepare.py encodes and evaluate.py scores): split -> list of
+# items (name, path or shapes index or pixels, captions or None[, extra JSON fields for the
+# split's .jsonl line])
 
-class EpochIndexed(torch.utils.data.Dataset):
-    """Index j = epoch * n + i -> dataset[i] with the dataset's augmentation RNG set for that
-    epoch, so random crops depend only on (seed, epoch, i): reproducible across resumes and
-    worker processes."""
+SOURCES = ("shapes", "coco", "cc", "jsonl", "fashion-mnist")
+COCO_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}  # Karpathy -> ours
+CROP_SUPERSAMPLE = 2  # shapes: crops are cut from a rendering at 2x (max 512 px), then resized down
 
-    def __init__(self, ds, n: int):
-        self.ds, self.n = ds, n
+def _clean_captions(captions) -> list:
+    if isinstance(captions, str):
+        captions = [captions]
+    return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
 
-    def __getitem__(self, j):
-        epoch, i = divmod(j, self.n)
-        base = self.ds.dataset if isinstance(self.ds, torch.utils.data.Subset) else self.ds
-        if hasattr(base, "set_epoch"):
-            base.set_epoch(epoch)
-        return self.ds[i]
+
+def _read_cc(path: str, root: str) -> list:
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise ValueError(f"{path}:{lineno}: expected 'caption<TAB>image path', got {len(fields)} field(s)")
+            caption, rel = fields
+            items.append((rel, os.path.join(root, rel), _clean_captions(caption)))
+    return items
+
+
+def _read_jsonl(path: str, root: str) -> list:
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+                raise ValueError(f"{path}:{lineno}: expected an object with an \"image\" path")
+            caps = rec.get("caption", rec.get("captions"))
+            if not isinstance(caps, (str, list)):
+                raise ValueError(f"{path}:{lineno}: expected \"caption\": a string or a list of strings")
+            items.append((rec["image"], os.path.join(root, rec["image"]), _clean_captions(caps)))
+    return items
+
+
+def _read_coco(path: str, root: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            images = json.load(f)["images"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a Karpathy dataset_coco.json ({type(e).__name__}: {e})") from None
+    splits = {"train": [], "val": [], "test": []}
+    for k, im in enumerate(images):
+        try:
+            split = COCO_SPLITS[im["split"]]
+            rel = os.path.join(im.get("filepath", ""), im["filename"])
+            caps = _clean_captions([s["raw"] for s in im["sentences"]])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: image entry {k} lacks {e} (needs filepath, filename, split, sentences)") from None
+        splits[split].append((rel, os.path.join(root, rel), caps))
+    return splits
+
+
+def _fashion_items(root: str, val_fraction: float, seed: int) -> dict:
+    """Fashion-MNIST: train less a validation slice, the slice, and the official test images."""
+
+    def items(official: str, indices) -> list:
+        images, labels = read_fashion_mnist(root, official)
+        return [(f"{official}/{i}", images[i], fashion_captions(int(labels[i]), i, official, seed),
+                 {"label": int(labels[i]), "class": FASHION_CLASSES[labels[i]]}) for i in indices]
+
+    train_idx, val_idx = split_indices(len(read_fashion_mnist(root, "train")[0]), val_fraction, seed)
+    out = {"train": items("train", train_idx), "val": items("train", val_idx),
+           "test": items("test", range(len(read_fashion_mnist(root, "test")[0])))}
+    return {k: v for k, v in out.items() if v}
+
+
+def list_items(source: str, *, captions: str = "", val_captions: str = "", image_root: str = "",
+               val_fraction: float = 0.01, seed: int = 0, fashion_root: str = FASHION_ROOT,
+               shapes_sizes: dict | None = None) -> dict:
+    """{split: [(name, path or shapes index or pixels, captions or None[, extra])]} in the order
+    rows are written. shapes: `shapes_sizes` {split: images}; coco: the Karpathy `captions`
+    file; cc / jsonl: `captions` (train) and `val_captions`, or `val_fraction` of `captions`
+    held out; fashion-mnist: the idx files in `fashion_root`."""
+    if source == "shapes":
+        out = {}
+        for split, n in (shapes_sizes or {}).items():
+            if split not in shapes.SPLITS:
+                raise ValueError(f"shapes split {split!r}: the splits are {', '.join(shapes.SPLITS)}")
+            if n < 0:
+                raise ValueError(f"{split} size must be >= 0, got {n}")
+            if n:
+                out[split] = [(f"{split}/{i}", i, None) for i in range(n)]
+        return out
+    if source not in SOURCES:
+        raise ValueError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "fashion-mnist":
+        return _fashion_items(fashion_root, val_fraction, seed)
+    path = captions
+    if not path:
+        raise ValueError(f"--source {source} needs --captions FILE")
+    for p in (path, val_captions):
+        if p and not os.path.isfile(p):
+            raise FileNotFoundError(f"--captions {p}: no such file")
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--image-root {root}: no such folder")
+    if source == "coco":
+        return {k: v for k, v in _read_coco(path, root).items() if v}
+    read = _read_cc if source == "cc" else _read_jsonl
+    train = read(path, root)
+    if not train:
+        raise ValueError(f"{path}: holds no images")
+    if val_captions:
+        val = read(val_captions, root)
+    else:
+        train_idx, val_idx = split_indices(len(train), val_fraction, seed)
+        train, val = [train[i] for i in train_idx], [train[i] for i in val_idx]
+    return {k: v for k, v in (("train", train), ("val", val)) if v}
+
+
+class Views(torch.utils.data.Dataset):
+    """Items of one split of `source` (list_items), the first at index `first` of its split ->
+    (centre view (3, S, S), K random crops (K, 3, S, S), ok, error, captions as JSON). A crop
+    depends on (seed, split, index) alone; an unusable image gives ok False and the reason."""
+
+    def __init__(self, source: str, split: str, items: list, first: int, image_size: int, crops: int,
+                 num_objects: int = 1, seed: int = 0):
+        self.source, self.split, self.items, self.first = source, split, items, first
+        self.size, self.crops, self.num_objects, self.seed = image_size, crops, num_objects, seed
 
     def __len__(self):
-        return 1 << 62
+        return len(self.items)
 
+    def _load(self, item) -> tuple:
+        """-> (centre image, image to crop from, captions)."""
+        name, where, captions = item[:3]
+        if self.source == "fashion-mnist":  # where: the (28, 28) pixels
+            img = fashion_image(where, self.size)
+            big = fashion_image(where, min(512, CROP_SUPERSAMPLE * self.size)) if self.crops else img
+            return img, big, captions
+        if self.source == "shapes":
+            ex = shapes.shapes_example(where, self.split, self.size, self.num_objects, self.seed)
+            img = Image.fromarray(ex.image, "RGB")
+            big = img
+            if self.crops:  # the same scene at a higher resolution: crops are resized down, not up
+                side = min(512, CROP_SUPERSAMPLE * self.size)
+                big = Image.fromarray(shapes.shapes_example(where, self.split, side, self.num_objects,
+                                                        self.seed).image, "RGB")
+            return img, big, ex.captions
+        if not captions:
+            raise ImageError(f"{where}: no caption")
+        img = load_image(where)
+        return img, img, captions
 
-class MicroBatches(torch.utils.data.Sampler):
-    """Endless micro-batches of dataset indices, starting at micro-batch `start`. Each epoch
-    is a permutation seeded by (seed, epoch); rank r takes the r-th slice of every group of
-    `world` micro-batches, so the order depends only on (seed, batch size, world size)."""
-
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, start: int):
-        self.n, self.bs, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start
-        self.per_epoch = n // (batch_size * world)
-        if self.per_epoch == 0:
-            raise ValueError(f"{n} training images are fewer than one batch of {batch_size} x {world} processes")
-
-    def __iter__(self):
-        b, perm_epoch, perm = self.start, -1, None
-        while True:
-            epoch, k = divmod(b, self.per_epoch)
-            if epoch != perm_epoch:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-                perm_epoch = epoch
-            s = (k * self.world + self.rank) * self.bs
-            yield [epoch * self.n + int(i) for i in perm[s:s + self.bs]]
-            b += 1
-
-
-def start_processes(device: str) -> tuple:
-    """torchrun-aware start of a training script -> (ddp, rank, world, device). DDP is on when
-    torchrun set RANK: gloo on CPU, NCCL on CUDA, each process on cuda:LOCAL_RANK. 'auto'
-    picks cuda when there is one. TF32 matmuls are allowed on CUDA."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = 0, 1
-    if ddp:
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return ddp, rank, world, device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (x86 AMX or AVX512-BF16, read from
-    /proc/cpuinfo), where bf16 autocast trains convolutions about 2x faster than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def autocast_context(device: torch.device, dtype: str) -> tuple:
-    """-> (context, torch dtype, amp on?). 'auto': bf16 on a GPU that has it, else fp16 on CUDA;
-    fp32 on CPU. 'bfloat16' also autocasts on CPU (fast where cpu_has_fast_bf16()); fp16 is
-    CUDA only and needs a GradScaler."""
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if dt is None:
-        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    if dt == torch.float16 and device.type != "cuda":
-        raise ValueError("--dtype float16 needs a CUDA device; on CPU use bfloat16 or float32")
-    amp = dt != torch.float32
-    return (torch.autocast(device.type, dtype=dt) if amp else contextlib.nullcontext()), dt, amp
-
-
-def require_nonnegative(cfg: dict, keys) -> None:
-    """A ValueError naming the first of these flags whose value is not >= 0 (nan included)."""
-    for key in keys:
-        if not cfg[key] >= 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
-
-
-def resume_settings(cfg: dict, kind: str) -> tuple:
-    """For --resume: load OUT/ckpt.pt and return (settings, checkpoint), where the settings are
-    the saved run's, overridden by the flags given explicitly now (cfg['_given']); a setting
-    the checkpoint predates takes its default."""
-    if not cfg["out"]:
-        raise ValueError("--resume needs --out (the folder of the run to continue)")
-    path = os.path.join(cfg["out"], "ckpt.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    ckpt = load_checkpoint(path, kind)
-    given = set(cfg["_given"]) - {"resume"}
-    defaults = {k: v for k, v in cfg.items() if k != "_given"}
-    return {**defaults, **ckpt["train"], **{k: cfg[k] for k in given}, "resume": True}, ckpt
-
-
-def scheduled_lr(lr: float, step: int, max_steps: int, warmup: int = 0, warmdown: int = 0,
-                 min_lr: float = 0.0) -> float:
-    """The learning rate of optimizer step `step` (0-based): linear warmup from 0 over the first
-    `warmup` steps, then `lr`, then a linear decay to `min_lr` over the last `warmdown` steps of
-    `max_steps`. A function of the step alone, so a resumed run follows it exactly."""
-    now = lr * min(1.0, (step + 1) / warmup) if warmup else lr
-    left = max_steps - step
-    if left <= warmdown:
-        now = min_lr + (now - min_lr) * left / warmdown
-    return now
-
-
-def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def all_rng_states(world: int) -> list:
-    """Every rank's RNG state (rank order), gathered on all ranks, for the checkpoint."""
-    mine = rng_state()
-    if world == 1:
-        return [mine]
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
-    return gathered
-
-
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    random.setstate((3, tuple(s["python"]), None))
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    def __getitem__(self, k):
+        i = self.first + k  # index of the item within its split
+        S, K = self.size, self.crops
+        try:
+            img, big, captions = self._load(self.items[k])
+        except ImageError as e:
+            return torch.zeros(3, S, S), torch.zeros(K, 3, S, S), False, str(e), "[]"
+        centre = to_tensor(center_crop_resize(img, S))
+        rng = random.Random(f"{self.seed}/{self.split}/{i}")  # str seeds are stable
+        crops = [to_tensor(random_crop_resize(big, S, rng)) for _ in range(K)]
+        crops = torch.stack(crops) if crops else torch.zeros(0, 3, S, S)
+        return centre, crops, True, "", json.dumps(captions)
 
 
 # ----------------------------------------------------------------------------------------
-# checkpoints and weight files: plain dicts of tensors and primitives, loaded weights-only
-# (a pickle that would run code is refused), written atomically.
+# Token arrays: the folder prepare.py writes ({split}.npy, {split}_crops.npy, {split}.jsonl,
+# meta.json), read by train_gpt.py as (caption ids, image tokens) pairs
 
-CHECKPOINT_FORMAT = 1  # bump when the layout changes; newer files are refused with a message
 TOKENS_FORMAT = 1  # of prepare.py's output folder (meta.json says which)
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, of another kind or of a newer format."""
-
-
-def load_weights(path) -> dict:
-    """torch.load a file of tensors safely (weights_only=True) with a one-line error."""
-    path = str(path)
+def read_meta(folder: str) -> dict:
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--tokens {folder}: no such folder (run prepare.py first)")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; all mean "not loadable"
-        raise CheckpointError(f"{path}: not a loadable weights file ({_first_line(e)[:200]})") from None
+        raise FileNotFoundError(f"--tokens {folder}: no meta.json (is prepare.py finished there?)")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format_version", 0) > TOKENS_FORMAT:
+        raise ValueError(f"{path}: format {meta['format_version']} is newer than this code understands")
+    for split in ("train", "val"):
+        if split not in meta["splits"]:
+            raise ValueError(f"--tokens {folder}: has no {split!r} split")
+    return meta
 
 
-def load_checkpoint(path, kind: str) -> dict:
-    """Load a training checkpoint and check that it is a `kind` ('augvae', 'biart') one."""
-    ckpt = load_weights(path)
-    if not isinstance(ckpt, dict) or "kind" not in ckpt or "config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no kind/config/model entries)")
-    if ckpt["kind"] != kind:
-        raise CheckpointError(f"{path}: is a {ckpt['kind']!r} checkpoint, expected {kind!r}")
-    if int(ckpt.get("format_version", 0)) > CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {ckpt['format_version']} is newer than this code "
-                              f"understands ({CHECKPOINT_FORMAT}); update the code")
-    return ckpt
+class TokenCaptions(torch.utils.data.Dataset):
+    """One split of a prepare.py folder -> (text (text_len,), image (image_len,)) LongTensors in
+    BiART's id space. Training (`train=True`): each call draws, from random.Random(seed, epoch,
+    index), one caption of the image, one view (centre or crop), and the caption's BPE-dropout
+    segmentation. A dropout segmentation too long for text_len falls back to the plain one
+    (checked to fit when the set is loaded). Validation: view 0, caption index % count, no dropout."""
 
+    def __init__(self, folder: str, split: str, tok, config,
+                 train: bool, bpe_dropout: float, seed: int, truncate: bool):
+        self.tok, self.config, self.train = tok, config, train
+        self.bpe_dropout, self.seed, self.truncate = bpe_dropout, seed, truncate
+        self.tokens = np.load(os.path.join(folder, f"{split}.npy"), mmap_mode="r")  # (N, image_len) uint16
+        crops = os.path.join(folder, f"{split}_crops.npy")
+        self.crops = np.load(crops, mmap_mode="r") if train and os.path.exists(crops) else None  # (N, K, L)
+        with open(os.path.join(folder, f"{split}.jsonl"), encoding="utf-8") as f:
+            self.captions = [json.loads(line)["captions"] for line in f if line.strip()]
+        if len(self.captions) != len(self.tokens):
+            raise ValueError(f"{folder}: {split}.jsonl has {len(self.captions)} lines for {len(self.tokens)} images")
+        if self.tokens.ndim != 2 or self.tokens.shape[1] != config.image_len:
+            raise ValueError(f"{folder}/{split}.npy: shape {self.tokens.shape}, expected (N, {config.image_len})")
+        self.epoch = 0
+        self.truncated = 0
+        for i, caps in enumerate(self.captions):  # every caption must fit without dropout
+            for c in caps:
+                n = len(tok.encode(c))
+                if n == 0:
+                    raise ValueError(f"{split} image {i}: caption {c[:60]!r} is empty after cleanup")
+                if n > config.text_len - 1:
+                    if not truncate:
+                        short = c if len(c) <= 80 else c[:77] + "..."
+                        raise ValueError(f"{split} image {i}: caption {short!r} has {n} tokens + end-of-text, "
+                                         f"more than text_len {config.text_len}; raise --text-len or pass --truncate")
+                    self.truncated += 1
 
-class TrainingError(Exception):
-    """A failure that stops training with a one-line message (the last checkpoint is kept)."""
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
+    def __len__(self):
+        return len(self.tokens)
 
-def check_finite_loss(loss: torch.Tensor, step: int, ckpt_path, world: int = 1) -> None:
-    """Stop training on a NaN/inf loss: a TrainingError naming the step and what is kept at
-    ckpt_path. With world > 1 (DDP) the ranks' losses are gathered first, so every rank stops
-    at the same micro-step with the same message, where a rank stopping alone would leave the
-    others waiting in the gradient all-reduce."""
-    value = loss.detach().float().reshape(1)
-    where = ""
-    if world > 1:
-        values = [torch.empty_like(value) for _ in range(world)]
-        torch.distributed.all_gather(values, value)
-        bad = [r for r, v in enumerate(values) if not torch.isfinite(v).all()]
-        if bad:
-            value, where = values[bad[0]], f" on rank {bad[0]}"
-    if not torch.isfinite(value).all():
-        raise TrainingError(f"loss is {float(value)} at step {step}{where}: stopping; " + kept_checkpoint(ckpt_path))
-
-
-def kept_checkpoint(path) -> str:
-    """What a training run that must stop leaves behind, for its error message."""
-    if not os.path.exists(path):
-        return f"no checkpoint was written yet ({path} does not exist)"
-    try:
-        return f"the last good checkpoint is kept at {path} (step {int(load_weights(path).get('step', 0))})"
-    except CheckpointError as e:
-        return f"the checkpoint at {path} is not loadable ({e})"
-
-
-def save_checkpoint(obj: dict, path) -> None:
-    """Write atomically: a temp file in the same folder, fsync, then os.replace, so a kill or
-    a full disk never leaves a half-written file where the previous checkpoint was. A failed
-    write removes its temp file and raises OSError naming `path`."""
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if not isinstance(e, (OSError, RuntimeError)):
-            raise
-        # torch.save reports a failed write (full disk, file-size limit) as a RuntimeError
-        # ("unexpected pos ...") raised while handling the OSError: name that one
-        cause = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else _first_line(cause)
-        raise OSError(f"could not write checkpoint {path}: {reason}") from None
-
-
-# -----------------------------------------------------------------------------
-# CLI
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (exit 2, no usage dump), for every script's CLI."""
-
-    def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def add_flags(parser: argparse.ArgumentParser, defaults: dict, helps: dict, suppress: bool = False):
-    """One flag per config key (underscores become dashes), typed by its default: bools get
-    --x / --no-x, everything else parses (and rejects) by the default's type. `suppress`
-    leaves flags that were not given out of the result (to tell given flags from defaults)."""
-    for k, v in defaults.items():
-        flag = "--" + k.replace("_", "-")
-        kw = {} if suppress else {"default": v}
-        if isinstance(v, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=helps[k], **kw)
+    def __getitem__(self, i):
+        caps = self.captions[i]
+        if self.train:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{i}")  # str seeds are stable across runs
+            caption = caps[rng.randrange(len(caps))]
+            K = 0 if self.crops is None else self.crops.shape[1]
+            view = rng.randrange(1 + K)
+            image = self.tokens[i] if view == 0 else self.crops[i, view - 1]
+            ids = self.tok.encode(caption, dropout=self.bpe_dropout, rng=rng) if self.bpe_dropout else None
+            if ids is None or len(ids) > self.config.text_len - 1:
+                ids = self.tok.encode(caption)
         else:
-            parser.add_argument(flag, type=type(v), help=helps[k] + f" (default: {v!r})", **kw)
-
-
-def parse_flags(build_parser, argv: list) -> dict:
-    """Parse argv with build_parser(suppress); '_given' lists the flags given explicitly
-    (a resumed run keeps its saved settings except those)."""
-    cfg = vars(build_parser(False).parse_args(argv))
-    cfg["_given"] = sorted(vars(build_parser(True).parse_args(argv)))
-    return cfg
-
-
-def _int_in(lo, hi):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"expected {lo}..{hi}, got {v}")
-        return v
-    return parse
-
-
-def _cmd_show(args):
-    examples = [shapes_example(args.start + i, args.split, args.image_size, args.num_objects, args.seed)
-                for i in range(args.count)]
-    batch = torch.stack([_tensor_from_uint8(e.image) for e in examples])
-    per_row = 8
-    save_grid([batch[i:i + per_row] for i in range(0, len(batch), per_row)], args.out)
-    exact = 0
-    for i, e in enumerate(examples):
-        truth = {"objects": e.objects, "relation": e.relation}
-        verdict = match_attributes(analyze_image(e.image, args.num_objects), truth)
-        exact += verdict["exact"]
-        wrong = [k for k, v in verdict.items() if k != "exact" and not v]
-        print(f"[{args.start + i}] analyzer: {'ok' if verdict['exact'] else 'WRONG ' + ','.join(wrong)}")
-        for c in e.captions:
-            print(f"    {c}")
-    print(f"analyzer exact: {exact}/{len(examples)}; grid written to {args.out}")
-
-
-def _cmd_export(args):
-    out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not args.force:
-        raise ValueError(f"--out {out} is not empty (use --force to write into it)")
-    from tqdm import tqdm
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    lines = []
-    for i in tqdm(range(args.start, args.start + args.count), desc="export"):
-        e = shapes_example(i, args.split, args.image_size, args.num_objects, args.seed)
-        rel = f"images/{args.split}_{i:06d}.png"
-        Image.fromarray(e.image, "RGB").save(os.path.join(out, rel))
-        lines.append(json.dumps({"image": rel, "captions": e.captions, "objects": e.objects,
-                                 "relation": e.relation}))
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp_", suffix=".jsonl")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out, "captions.jsonl"))
-    print(f"wrote {args.count} images and captions.jsonl to {out}")
-
-
-def main(argv=None):
-    parser = ArgumentParser(prog="data.py", description="Captioned shapes (see SHAPES.md): preview or export.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    common = dict(split=dict(choices=SPLITS, default="train", help="which split"),
-                  image_size=dict(type=_int_in(32, 512), default=64, help="pixels, 32..512"),
-                  num_objects=dict(type=_int_in(1, 2), default=1, help="objects per image, 1 or 2"),
-                  seed=dict(type=_int_in(0, 2**32 - 1), default=0, help="dataset seed"),
-                  start=dict(type=_int_in(0, 2**62), default=0, help="first index"))
-    show = sub.add_parser("show", formatter_class=fmt,
-                          help="write a preview grid; print captions and the analyzer's verdict")
-    show.add_argument("--count", type=_int_in(1, 1024), default=16, help="number of examples")
-    show.add_argument("--out", default="out/shapes_preview.png", help="PNG to write")
-    export = sub.add_parser("export", formatter_class=fmt,
-                            help="write PNG images and captions.jsonl to a folder")
-    export.add_argument("--out", required=True, help="folder to write (images/ and captions.jsonl)")
-    export.add_argument("--count", type=_int_in(1, 10_000_000), required=True, help="number of examples")
-    export.add_argument("--force", action="store_true", help="write into a non-empty folder")
-    for p in (show, export):
-        for name, kw in common.items():
-            p.add_argument("--" + name.replace("_", "-"), **kw)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "show":
-            _cmd_show(args)
-        else:
-            _cmd_export(args)
-    except (ValueError, OSError) as e:
-        sys.stderr.write(f"data.py: error: {e}\n")
-        sys.exit(2 if isinstance(e, ValueError) else 1)
-
-
-if __name__ == "__main__":
-    main()
+            caption, image = caps[i % len(caps)], self.tokens[i]
+            ids = self.tok.encode(caption)
+        text = biart.caption_to_model(ids, self.config, truncate=self.truncate)  # (text_len,)
+        return text, torch.from_numpy(image.astype(np.int64))  # (text_len,), (image_len,)

@@ -41,6 +41,7 @@ from tqdm import tqdm
 import augvae
 import biart
 import data
+import runtime
 import tokenizer
 
 GPT_KIND = "biart"  # train_gpt.CHECKPOINT_KIND (not imported: a script)
@@ -52,66 +53,40 @@ GUIDANCE_HELP = ("text->image guidance scale: each image token samples from unco
                  "logits, uncond being BiART's own unconditional image model (its image->text order); "
                  "1: plain conditional sampling (the paper), > 1 follows the caption more closely")
 
-# -----------------------------------------------------------------------------------------
-# defaults: each is the flag of the same name (underscores become dashes)
-DEFAULTS = dict(
-    image="",              # caption this image file
-    text="",               # draw this caption
-    images="",             # caption every image in this folder (batch)
-    texts="",              # draw every line of this text file (batch)
-    vae="out/vae_sl/best.pt",  # AugVAE-SL checkpoint (train_vae.py --sl)
-    gpt="out/gpt/ckpt.pt",     # BiART checkpoint (train_gpt.py)
-    bpe="",                # tokenizer merges file; '' -> the one the BiART checkpoint records
-    out="out/samples",     # output folder
-    num_candidates=0,      # candidates per input; 0 -> 64 images per caption (the paper), 16 captions per image
-    keep=1,                # text -> image: images kept (and saved) per caption after reranking
-    rerank="self",         # 'self', 'clip' or 'none'
-    clip_model="",         # --rerank clip: a CLIP TorchScript file (e.g. OpenAI's ViT-B-32.pt)
-    temperature=1.0,       # softmax temperature of the sampling
-    top_k=0,               # sample from the k most likely tokens only (0: all)
-    top_p=0.0,             # nucleus sampling: the smallest set with this much probability (0: off)
-    guidance=1.0,          # text -> image guidance scale (1: off, the paper)
-    caption_len=32,        # tokens sampled per caption (the paper's 32), cut at the first full stop
-    show_all=False,        # print every candidate with its score, not just the best
-    seed=0,
-    batch_size=64,         # candidate sequences per forward pass (lower it if memory is short)
-    device="auto",         # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'
-    dtype="auto",          # BiART autocast: 'auto' (bf16 on a GPU that has it, else fp32), 'float32', 'bfloat16', 'float16'
-)
-
-HELP = dict(
-    image="an image file to caption (JPEG, PNG, WebP, ...; any size, mode and EXIF rotation)",
-    text="a caption to draw",
-    images="a folder: caption every image file in it (sorted by name; unreadable files are skipped)",
-    texts="a text file: draw the caption on each non-empty line",
-    vae="the AugVAE-SL checkpoint (train_vae.py --sl writes out/vae_sl/best.pt)",
-    gpt="the BiART checkpoint (train_gpt.py writes out/gpt/ckpt.pt)",
-    bpe="the tokenizer merges file; by default the file the BiART checkpoint was trained with (checked by sha256)",
-    out="output folder: results.jsonl, drawn images and grids",
-    num_candidates="candidates sampled per input; 0 -> 64 per caption (the paper) and 16 per image",
-    keep="text -> image: how many of the reranked images to keep per caption",
-    rerank="'self' (BiART's other direction scores each candidate), 'clip' (needs --clip-model) or 'none' "
-           "(keep the first sample)",
-    clip_model="a CLIP TorchScript file for --rerank clip (OpenAI's released ViT-B-32.pt, ViT-L-14.pt, ...)",
-    temperature="sampling temperature (lower: more conservative)",
-    top_k="sample from the k most likely tokens of the target modality (0: no limit)",
-    top_p="nucleus sampling threshold in (0, 1] (0: off)",
-    guidance=GUIDANCE_HELP,
-    caption_len="tokens sampled per caption (at most the model's text length); each is cut at its first full stop",
-    show_all="print every candidate with its score",
-    seed="random seed: the same seed gives the same output for an input",
-    batch_size="candidate sequences per forward pass",
-    device="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'",
-    dtype="BiART's autocast dtype ('auto': bf16 on a GPU that has it, fp32 on CPU; bfloat16 also autocasts "
-          "on CPU; float16 is CUDA only); the AugVAE always runs fp32",
+FLAGS = dict(  # name: (default, help); each is the flag --name (underscores become dashes)
+    image=("", "an image file to caption (JPEG, PNG, WebP, ...; any size, mode and EXIF rotation)"),
+    text=("", "a caption to draw"),
+    images=("", "a folder: caption every image file in it (sorted by name; unreadable files are skipped)"),
+    texts=("", "a text file: draw the caption on each non-empty line"),
+    vae=("out/vae_sl/best.pt", "the AugVAE-SL checkpoint (train_vae.py --sl writes out/vae_sl/best.pt)"),
+    gpt=("out/gpt/ckpt.pt", "the BiART checkpoint (train_gpt.py writes out/gpt/ckpt.pt)"),
+    bpe=(None, "the tokenizer merges file (default: the file the BiART checkpoint was trained with, checked by sha256)",
+         str),
+    out=("out/samples", "output folder: results.jsonl, drawn images and grids"),
+    num_candidates=(None, "candidates sampled per input (default: 64 per caption, the paper's, and 16 per image)", int),
+    keep=(1, "text -> image: how many of the reranked images to keep per caption"),
+    rerank=("self", "'self' (BiART's other direction scores each candidate), 'clip' (needs --clip-model) or 'none' "
+           "(keep the first sample)"),
+    clip_model=("", "a CLIP TorchScript file for --rerank clip (OpenAI's released ViT-B-32.pt, ViT-L-14.pt, ...)"),
+    temperature=(1.0, "sampling temperature (lower: more conservative)"),
+    top_k=(0, "sample from the k most likely tokens of the target modality (0: no limit)"),
+    top_p=(0.0, "nucleus sampling threshold in (0, 1] (0: off)"),
+    guidance=(1.0, GUIDANCE_HELP),
+    caption_len=(32, "tokens sampled per caption (at most the model's text length); each is cut at its first full stop"),
+    show_all=(False, "print every candidate with its score"),
+    seed=(0, "random seed: the same seed gives the same output for an input"),
+    batch_size=(64, "candidate sequences per forward pass"),
+    device=("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'"),
+    dtype=("auto", "BiART's autocast dtype ('auto': bf16 on a GPU that has it, fp32 on CPU; bfloat16 also autocasts "
+          "on CPU; float16 is CUDA only); the AugVAE always runs fp32"),
 )
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    p = data.ArgumentParser(description="Caption images and draw captions with a trained L-Verse "
+    p = runtime.ArgumentParser(description="Caption images and draw captions with a trained L-Verse "
                                         "(AugVAE-SL + BiART), reranking the candidates.",
                             argument_default=argparse.SUPPRESS if suppress else None)
-    data.add_flags(p, DEFAULTS, HELP, suppress)
+    runtime.add_flags(p, FLAGS, suppress)
     return p
 
 
@@ -137,34 +112,24 @@ class Sampler:
 
     def __init__(self, vae_path: str, gpt_path: str, bpe: str = "", device: str = "auto",
                  dtype: str = "auto", batch_size: int = 64):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.ctx = data.autocast_context(self.device, dtype)[0]
+        self.device = runtime.resolve_device(device)
+        self.ctx = runtime.autocast_context(self.device, dtype)[0]
         self.batch_size = batch_size
-        ckpt = data.load_checkpoint(gpt_path, GPT_KIND)
-        self.config = biart.BiARTConfig.from_dict(ckpt["config"])
-        self.gpt = biart.BiART(self.config)
-        self.gpt.load_state_dict(ckpt["model"], strict=True)
-        self.gpt.to(self.device).eval()
+        ckpt = runtime.load_checkpoint(gpt_path, GPT_KIND)
+        self.gpt = biart.from_checkpoint(ckpt).to(self.device).eval()
+        self.config = self.gpt.config
         self.tok = self._load_tokenizer(ckpt.get("tokenizer", {}), bpe, gpt_path)
 
-        vckpt = data.load_checkpoint(vae_path, augvae.CHECKPOINT_KIND)
-        vcfg = augvae.AugVAEConfig.from_dict(vckpt["config"])
-        if not vcfg.single_level:
-            raise ValueError(f"--vae {vae_path}: is a multi-level (ML) checkpoint; give the fine-tuned SL "
-                             f"one (python train_vae.py --sl --init ML.pt)")
+        self.vae = augvae.load(vae_path, single_level=True, flag="--vae").to(self.device)
+        vcfg = self.vae.cfg
         grid = vcfg.grid(vcfg.token_levels[0])
         if vcfg.codebook_size != self.config.image_vocab or grid * grid != self.config.image_len:
             raise ValueError(f"--vae {vae_path}: makes {grid}x{grid} tokens from {vcfg.codebook_size} codes, "
                              f"but --gpt {gpt_path} was trained on {self.config.image_len} tokens from "
                              f"{self.config.image_vocab} codes: not the VAE its tokens came from")
-        self.vae = augvae.AugVAE(vcfg)
-        self.vae.load_state_dict(vckpt["model"], strict=True)
-        self.vae.to(self.device).float().eval()
         self.grid, self.image_size = grid, vcfg.image_size
         trained_with = ckpt.get("tokens_meta", {}).get("vae_sha256")
-        self.vae_matches = trained_with is None or trained_with == data.sha256_file(vae_path)
+        self.vae_matches = trained_with is None or trained_with == runtime.sha256_file(vae_path)
         self.clip = None
 
     def _load_tokenizer(self, info: dict, bpe: str, gpt_path: str) -> tokenizer.Tokenizer:
@@ -173,14 +138,14 @@ class Sampler:
             path = bpe
         else:  # the recorded path, or CLIP's shipped file when that is what was used
             path = info.get("path", "")
-            if not os.path.isfile(path) and want == data.sha256_file(tokenizer.default_bpe_path()):
+            if not os.path.isfile(path) and want == runtime.sha256_file(tokenizer.default_bpe_path()):
                 path = tokenizer.default_bpe_path()
             if not os.path.isfile(path):
                 raise ValueError(f"--gpt {gpt_path}: was trained with the tokenizer {path or '(unrecorded)'}, "
                                  f"which is not here; pass it with --bpe")
         if not os.path.isfile(path):
             raise ValueError(f"--bpe {path}: no such file")
-        if want is not None and data.sha256_file(path) != want:
+        if want is not None and runtime.sha256_file(path) != want:
             raise ValueError(f"tokenizer {path}: is not the one --gpt {gpt_path} was trained with (sha256 differs)")
         tok = tokenizer.Tokenizer(path)
         if tok.vocab_size != self.config.text_vocab or tok.eot_id != self.config.eot_id - self.config.text_offset:
@@ -197,7 +162,7 @@ class Sampler:
         try:
             model = torch.jit.load(path, map_location=self.device)
         except Exception as e:  # TorchScript raises RuntimeError and friends for non-archives
-            raise ValueError(f"--clip-model {path}: not a CLIP TorchScript file ({data._first_line(e)[:200]})") from None
+            raise ValueError(f"--clip-model {path}: not a CLIP TorchScript file ({runtime.first_line(e)[:200]})") from None
         for name in ("encode_image", "encode_text", "input_resolution"):
             if not hasattr(model, name):
                 raise ValueError(f"--clip-model {path}: has no {name}; not a CLIP TorchScript model")
@@ -213,9 +178,6 @@ class Sampler:
         ids = self.tok.encode(caption)
         if not ids:
             raise ValueError(f"the caption {caption[:40]!r} has no tokens")
-        if len(ids) > self.config.text_len - 1:
-            raise ValueError(f"the caption is {len(ids)} tokens long; the model takes at most "
-                             f"{self.config.text_len - 1} (its text length {self.config.text_len} less the end)")
         return biart.caption_to_model(ids, self.config)
 
     def view(self, img: Image.Image) -> Image.Image:
@@ -386,9 +348,7 @@ def _wrap(text: str, chars: int) -> list:
 
 
 def _save_png(img: Image.Image, path: str) -> None:
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    runtime.write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 # -----------------------------------------------------------------------------------------
@@ -419,8 +379,8 @@ def list_inputs(cfg: dict) -> list:
 def check_settings(cfg: dict) -> None:
     if cfg["rerank"] not in RERANKERS:
         raise ValueError(f"--rerank must be one of {', '.join(RERANKERS)}, got {cfg['rerank']!r}")
-    if cfg["num_candidates"] < 0 or cfg["keep"] < 1 or cfg["batch_size"] < 1 or cfg["caption_len"] < 1:
-        raise ValueError("--num-candidates must be >= 0, and --keep, --batch-size, --caption-len >= 1")
+    if (cfg["num_candidates"] or 1) < 1 or cfg["keep"] < 1 or cfg["batch_size"] < 1 or cfg["caption_len"] < 1:
+        raise ValueError("--num-candidates, --keep, --batch-size and --caption-len must be >= 1")
     if cfg["temperature"] <= 0 or cfg["top_k"] < 0 or not 0 <= cfg["top_p"] <= 1:
         raise ValueError("--temperature must be > 0, --top-k >= 0 and --top-p in [0, 1]")
     check_guidance(cfg["guidance"])
@@ -432,17 +392,17 @@ def check_guidance(guidance: float) -> None:
 
 
 def main(argv: list | None = None) -> list:
-    cfg = data.parse_flags(build_parser, sys.argv[1:] if argv is None else argv)
+    cfg = runtime.parse_flags(build_parser, sys.argv[1:] if argv is None else argv)
     check_settings(cfg)
     items = list_inputs(cfg)
     batch = bool(cfg["images"] or cfg["texts"]) or len(items) > 1
-    sampler = Sampler(cfg["vae"], cfg["gpt"], cfg["bpe"], cfg["device"], cfg["dtype"], cfg["batch_size"])
+    sampler = Sampler(cfg["vae"], cfg["gpt"], cfg["bpe"] or "", cfg["device"], cfg["dtype"], cfg["batch_size"])
     if not sampler.vae_matches:
         print(f"sample.py: warning: --vae {cfg['vae']} is not the VAE whose tokens --gpt was trained on "
               f"(sha256 differs); samples will be wrong unless it is a copy with other metadata", file=sys.stderr)
     if cfg["rerank"] == "clip":
         sampler.load_clip(cfg["clip_model"])
-    if cfg["keep"] > max(cfg["num_candidates"], 1) and cfg["num_candidates"]:
+    if cfg["num_candidates"] is not None and cfg["keep"] > cfg["num_candidates"]:
         raise ValueError(f"--keep {cfg['keep']} is more than --num-candidates {cfg['num_candidates']}")
     os.makedirs(cfg["out"], exist_ok=True)
     rows, i2t_rows, t2i_rows, skipped = [], [], [], []
@@ -493,9 +453,8 @@ def main(argv: list | None = None) -> list:
             skipped.append(value)
             rows.append({"input": value, "direction": "i2t" if kind == "image" else "t2i", "error": str(e)})
             tqdm.write(f"sample.py: skipped {value[:80]!r}: {e}", file=sys.stderr)
-    with open(os.path.join(cfg["out"], "results.jsonl"), "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    runtime.write_text(os.path.join(cfg["out"], "results.jsonl"),
+                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     if t2i_rows:
         save_captioned_grid(t2i_rows, os.path.join(cfg["out"], "t2i_grid.png"))
     if i2t_rows:
@@ -509,8 +468,4 @@ def main(argv: list | None = None) -> list:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, data.ImageError, data.CheckpointError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runtime.run_cli(main, "sample.py")

@@ -19,7 +19,6 @@ image codes come first); that offset belongs to the model, not here.
 Command line (see `python tokenizer.py --help`):
     python tokenizer.py encode "A photo of a cat."       # show the cleanup, words, pieces, ids
     python tokenizer.py train captions.txt --vocab-size 4096 --out bpe.txt.gz
-    python tokenizer.py bench --count 100000
 """
 
 import argparse
@@ -27,18 +26,16 @@ import gzip
 import hashlib
 import heapq
 import html
-import importlib.util
-import itertools
 import operator
 import os
 import random
 import sys
-import time
 from collections import Counter, defaultdict
 
 import ftfy
-import numpy as np
 import regex
+
+import runtime
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -65,32 +62,6 @@ WHITESPACE = regex.compile(r"\s+")  # the `regex` module's \s, as CLIP uses (dif
 def default_bpe_path() -> str:
     """CLIP's merges file, shipped beside this file."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
-
-
-def reference_path() -> str | None:
-    """OpenAI CLIP's simple_tokenizer.py, the reference this tokenizer is checked against (tests,
-    bench.py): CLIP_REF_TOKENIZER=/path/to/simple_tokenizer.py, or an installed `clip` package
-    (`pip install --no-deps clip-anytorch==2.6.0`), located without importing it (its __init__
-    imports torchvision). None when neither is there."""
-    path = os.environ.get("CLIP_REF_TOKENIZER")
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"CLIP_REF_TOKENIZER={path} is not a file")
-        return path
-    spec = importlib.util.find_spec("clip")  # a top-level lookup: the package is not imported
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = os.path.join(folder, "simple_tokenizer.py")
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
-def load_reference(path: str):
-    """CLIP's SimpleTokenizer from the file at `path` (see reference_path), on CLIP's merges."""
-    spec = importlib.util.spec_from_file_location("clip_reference_simple_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SimpleTokenizer(default_bpe_path())
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -162,10 +133,10 @@ def write_merges(path: str, merges: list[tuple[str, str]]) -> None:
     """Write merges in CLIP's format; mtime=0 makes the gzip bytes reproducible."""
     text = f"#version: 0.2 - trained by tokenizer.py, vocab_size={MIN_VOCAB_SIZE + len(merges)}\n"
     text += "".join(f"{a} {b}\n" for a, b in merges)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
-        f.write(text.encode("utf-8"))
-    os.replace(tmp, path)
+    def write(raw):
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+            f.write(text.encode("utf-8"))
+    runtime.write_atomic(path, write)
 
 
 def train_bpe(captions, vocab_size: int) -> list[tuple[str, str]]:
@@ -323,85 +294,10 @@ class Tokenizer:
         data = bytes(self.byte_decoder[c] for c in "".join(pieces))
         return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
 
-    def batch_encode(self, captions, text_len: int, pad_id: int, truncate: bool = False,
-                     dropout: float = 0.0, rng: random.Random | None = None) -> np.ndarray:
-        """Captions -> int64 array (N, text_len) for BiART.
-
-        Row layout: the caption's ids, then one eot_id, then pad_id to the end (no start token).
-        A generated caption ends at its first eot_id. A caption longer than text_len - 1 tokens
-        raises ValueError unless truncate=True, which keeps its first text_len - 1 ids and the
-        eot_id last. Empty captions and literal "<|startoftext|>"/"<|endoftext|>" text raise
-        ValueError (the latter would end the caption early).
-        """
-        if isinstance(captions, str):
-            raise TypeError("batch_encode expects a list of captions, got one str")
-        if text_len < 2:
-            raise ValueError(f"text_len must be >= 2 (one token + end-of-text), got {text_len}")
-        captions = list(captions)
-        out = np.full((len(captions), text_len), operator.index(pad_id), dtype=np.int64)
-        for row, caption in enumerate(captions):
-            ids = self.encode(caption, dropout=dropout, rng=rng)
-            if not ids:
-                raise ValueError(f"caption {row} is empty after cleanup: {caption[:60]!r}")
-            if self.sot_id in ids or self.eot_id in ids:
-                raise ValueError(f"caption {row} contains special-token text: {caption[:60]!r}")
-            if len(ids) + 1 > text_len:
-                if not truncate:
-                    short = caption if len(caption) <= 60 else caption[:57] + "..."
-                    raise ValueError(f"caption {row} {short!r} has {len(ids)} tokens + end-of-text, "
-                                     f"more than text_len={text_len}; pass truncate=True to cut it")
-                ids = ids[:text_len - 1]
-            out[row, :len(ids)] = ids
-            out[row, len(ids)] = self.eot_id
-        return out
 
 
 # -----------------------------------------------------------------------------
-# command line: encode (show the steps), train, bench
-
-BENCH_SUBJECTS = ["a man", "a woman", "two men", "a young boy", "a little girl", "a group of people", "a dog",
-                  "a black cat", "a brown horse", "an elephant", "three zebras", "a giraffe", "a person",
-                  "a couple", "a baseball player", "a tennis player", "a skier", "a surfer", "a chef", "a bus",
-                  "a red truck", "a white plate", "a train", "a large airplane", "a kitchen", "a bathroom"]
-BENCH_VERBS = ["riding", "holding", "sitting on", "standing next to", "walking down", "looking at", "eating",
-               "playing with", "parked in front of", "flying over", "lying on", "carrying", "throwing",
-               "swinging", "cutting", "filled with", "covered in", "waiting at", "crossing", "jumping over"]
-BENCH_ADJECTIVES = ["red", "blue", "green", "small", "large", "old", "wooden", "white", "black", "yellow",
-                    "tall", "empty", "crowded", "colorful", "dirty", "shiny", "striped", "fluffy", "tiny"]
-BENCH_NOUNS = ["surfboard", "skateboard", "umbrella", "pizza", "sandwich", "frisbee", "kite", "bench",
-               "table", "street", "field", "beach", "bed", "couch", "laptop", "cake", "banana", "bottle",
-               "clock", "fence", "bridge", "building", "window", "mirror", "toilet", "sink", "snow", "wave"]
-BENCH_TAILS = ["near the water", "in a park", "on a sunny day", "at night", "in the background",
-               "while people watch", "next to a building", "on the side of the road", "in a kitchen",
-               "with trees behind it", "during a game", "in front of a crowd", "at the beach"]
-BENCH_SYLLABLES = ["ba", "ro", "ki", "ten", "mor", "ly", "gan", "del", "pha", "stri", "quo", "vel", "zu",
-                   "nix", "par", "shi", "tor", "wen", "cla", "dre"]
-
-
-def bench_captions(count: int, seed: int = 0) -> list[str]:
-    """Deterministic COCO-style captions, 8-20 words; ~10% of nouns come from a long Zipf tail of
-    made-up words, so the word cache sees misses as on real data."""
-    rng = random.Random(seed)
-    rare = sorted({"".join(rng.choices(BENCH_SYLLABLES, k=rng.randint(2, 4))) for _ in range(20000)})
-    rare_cum_weights = list(itertools.accumulate(1.0 / (rank + 1) for rank in range(len(rare))))  # Zipf
-
-    def noun():
-        if rng.random() < 0.1:
-            return rng.choices(rare, cum_weights=rare_cum_weights)[0]
-        return rng.choice(BENCH_NOUNS)
-
-    captions = []
-    for _ in range(count):
-        target = rng.randint(8, 20)
-        words = f"{rng.choice(BENCH_SUBJECTS)} {rng.choice(BENCH_VERBS)} a {rng.choice(BENCH_ADJECTIVES)} {noun()}".split()
-        while len(words) < target:
-            extra = rng.choice([rng.choice(BENCH_TAILS), f"and a {rng.choice(BENCH_ADJECTIVES)} {noun()}",
-                                f"with {rng.randint(2, 12)} {noun()}s", f"beside the {noun()}'s {noun()}"])
-            words += extra.split()
-        caption = " ".join(words[:target])
-        captions.append(caption[0].upper() + caption[1:] + rng.choice([".", ".", "", " ."]))
-    return captions
-
+# command line: encode (show the steps), train
 
 def show_encoding(tok: Tokenizer, text: str, dropout: float, seed: int) -> None:
     """Print each step of encode, like minGPT's encode_and_show_work."""
@@ -423,17 +319,16 @@ def show_encoding(tok: Tokenizer, text: str, dropout: float, seed: int) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="tokenizer.py", description="CLIP BPE tokenizer for L-Verse's BiART: inspect, train, benchmark.",
+        prog="tokenizer.py", description="CLIP BPE tokenizer for L-Verse's BiART: inspect, train.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                '  python tokenizer.py encode "A photo of a cat."\n'
                "  python tokenizer.py encode --dropout 0.1 --seed 3 \"A photo of a cat.\"\n"
                "  python tokenizer.py train captions.txt --vocab-size 4096 --out bpe.txt.gz\n"
                '  python tokenizer.py encode --bpe bpe.txt.gz "A photo of a cat."\n'
-               "  python tokenizer.py bench --count 100000\n"
                "run `python tokenizer.py COMMAND --help` for the flags of each command; "
                "bad input exits with code 2.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{encode,train,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{encode,train}")
     bpe_flag = argparse.ArgumentParser(add_help=False)
     bpe_flag.add_argument("--bpe", metavar="PATH", default=None,
                           help="merges file (.txt.gz) to use instead of CLIP's (assets/bpe_simple_vocab_16e6.txt.gz)")
@@ -449,10 +344,6 @@ def main(argv=None) -> None:
     p.add_argument("--vocab-size", type=int, required=True,
                    help=f"ids in the resulting vocabulary, >= {MIN_VOCAB_SIZE} (512 byte tokens + 2 specials)")
     p.add_argument("--out", required=True, help="output path, e.g. bpe.txt.gz")
-    p = sub.add_parser("bench", parents=[bpe_flag], help="measure encoding speed on synthetic COCO-style captions",
-                       description="Encode deterministic COCO-style captions and print captions/s "
-                                   "without dropout and with BPE-dropout p=0.1.")
-    p.add_argument("--count", type=int, default=100000, help="number of captions (default 100000)")
     args = parser.parse_args(argv)
 
     try:
@@ -472,19 +363,6 @@ def main(argv=None) -> None:
             write_merges(args.out, merges)
             print(f"{len(captions)} captions -> {len(merges)} merges, vocab size "
                   f"{Tokenizer(args.out).vocab_size}, written to {args.out}")
-        elif args.command == "bench":
-            if args.count < 1:
-                raise ValueError(f"--count must be >= 1, got {args.count}")
-            captions = bench_captions(args.count)
-            mean_words = sum(len(c.split()) for c in captions) / len(captions)
-            print(f"{len(captions)} captions, {mean_words:.1f} words on average")
-            for dropout in (0.0, 0.1):
-                tok, rng = Tokenizer(args.bpe), random.Random(0)  # fresh tokenizer: cold cache
-                start = time.perf_counter()
-                num_tokens = sum(len(tok.encode(c, dropout=dropout, rng=rng)) for c in captions)
-                seconds = time.perf_counter() - start
-                print(f"dropout={dropout}: {len(captions) / seconds:,.0f} captions/s "
-                      f"({num_tokens / len(captions):.1f} tokens/caption, {seconds:.2f} s)")
     except (OSError, ValueError) as e:  # one line on stderr, no traceback
         print(f"tokenizer.py {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

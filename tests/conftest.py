@@ -27,17 +27,30 @@ def one_thread():
 @pytest.fixture
 def kill_when_logged():
     """Start `cmd`, wait until `log` (a path) contains `marker`, then kill -9 it: a real kill
-    in the middle of training, right after a checkpoint was announced."""
-    def run(cmd: list, log, marker: str, env: dict, cwd: str, timeout: float = 120):
-        p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if log.exists() and marker in log.read_text():
-                break
+    in the middle of training, right after a checkpoint was announced. It waits for the marker,
+    not for a clock: a process that ends without logging it fails the test."""
+    def run(cmd: list, log, marker: str, env: dict, cwd: str):
+        p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        while not (log.exists() and marker in log.read_text()):
+            if p.poll() is not None:
+                pytest.fail(f"{marker!r} never logged; exit {p.returncode}: {p.stderr.read().decode()[-1000:]}")
             time.sleep(0.01)
         p.send_signal(signal.SIGKILL)
         p.wait()
+        p.stderr.close()
     return run
+
+
+def kill_points(log_text: str, warmdown_from: int) -> dict:
+    """From an uninterrupted run's log: the first checkpoint step inside the warmdown (after
+    step `warmdown_from`) and the first step whose evaluation halved the lr, where (with
+    --ckpt-every equal to --eval-every) a checkpoint follows the halving at once."""
+    lines = log_text.splitlines()
+    saved = [int(l.split()[3]) for l in lines if l.startswith("saved checkpoint step ")]
+    halved = [int(lines[i - 1].split()[2].rstrip(":")) for i, l in enumerate(lines)
+              if "lr halved" in l and lines[i - 1].startswith("eval step ")]
+    assert halved, "no plateau halving in the uninterrupted run: make the plateau test harder"
+    return {"warmdown": min(s for s in saved if s > warmdown_from), "plateau": halved[0]}
 
 
 # --- the tiny pipeline several test files share --------------------------------------------
@@ -45,6 +58,7 @@ def kill_when_logged():
 import json  # noqa: E402
 
 import augvae  # noqa: E402
+import runtime  # noqa: E402
 import data  # noqa: E402
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -59,7 +73,7 @@ def save_tiny_vae(path, single_level: bool = True, codebook_size: int = 512, ima
     cfg = augvae.preset("small", image_size=32, single_level=single_level, codebook_size=codebook_size)
     model = augvae.AugVAE(cfg)
     model.train()(torch.stack([data.ShapesDataset("train", 32, 32)[i] for i in range(images)]))
-    data.save_checkpoint({"kind": augvae.CHECKPOINT_KIND, "format_version": data.CHECKPOINT_FORMAT,
+    runtime.save_checkpoint({"kind": augvae.CHECKPOINT_KIND, "format_version": runtime.CHECKPOINT_FORMAT,
                           "config": cfg.to_dict(), "model": model.state_dict(), "step": 0}, path)
     return model.eval()
 

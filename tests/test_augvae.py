@@ -105,7 +105,7 @@ def test_ema_update_matches_hand_computation():
 
 
 def test_faithful_mode_reproduces_the_release_collapse():
-    """SPEC defect 1: with N(0,1) init and zero cluster sizes, every code unused in the first
+    """The release's defect: with N(0,1) init and zero cluster sizes, every code unused in the first
     step jumps to a huge norm (~1e6 for D = 256) and cannot be chosen again."""
     torch.manual_seed(0)
     q = EMAQuantizer(augvae.preset("paper", quantizer_mode="faithful")).train()

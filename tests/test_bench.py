@@ -144,6 +144,25 @@ def test_quantizer_matches_the_one_hot_reference(grid):
         assert torch.equal(z_q, z_q_ref)
 
 
+def test_bench_captions_deterministic():
+    captions = bench.bench_captions(500)
+    assert captions == bench.bench_captions(500)
+    assert all(8 <= len(c.split()) <= 21 for c in captions)  # 8-20 words (+ a detached period)
+    assert len({w for c in captions for w in c.lower().split()}) > 150
+
+
+def test_tokenizer_part_with_and_without_dropout():
+    """Row 5's measurement (what `tokenizer.py bench` printed): captions/s without and with
+    BPE-dropout 0.1, and the tokens per caption; dropout only ever splits words further."""
+    plain = bench.tokenizer_part("cpu", "ours", 300, 2)
+    drop = bench.tokenizer_part("cpu", "ours", 300, 2, dropout=0.1)
+    for r in (plain, drop):
+        assert len(r["times"]) == 2 and r["captions_per_s"] > 0 and 8 <= r["words_per_caption"] <= 21
+    assert drop["tokens_per_caption"] > plain["tokens_per_caption"] >= plain["words_per_caption"]
+    with pytest.raises(ValueError, match="no BPE-dropout"):
+        bench.tokenizer_part("cpu", "clip", 10, 1, dropout=0.1)
+
+
 def test_memory_probe_and_load_meter():
     with bench.MemoryProbe(torch.device("cpu")) as probe, bench.LoadMeter() as load:
         x = torch.ones(16 * 2 ** 20)  # 64 MiB, touched
@@ -171,7 +190,7 @@ def test_every_row_runs_at_toy_sizes(tmp_path):
     assert j["quantizer_memory_ratio"] is None or j["quantizer_memory_ratio"] > 0
     assert j["quantizer_identical"] is True
     assert all(j[f"sampling_b{b}"]["identical_tokens"] is True for b in TINY["sample_batches"])
-    assert {r["row"] for r in j["table"]} == {"1", "1b", "1d", "2", "3", "4", "5", "6"}
+    assert {r["row"] for r in j["table"]} == {"1", "1b", "1d", "2", "3", "4", "5", "5b", "6"}
     for r in j["table"]:
         assert r["machine"] and r["settings"]
 

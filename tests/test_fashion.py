@@ -1,4 +1,4 @@
-"""Fashion-MNIST (issue 9) on a tiny fixture written in the real idx format (gzipped, with the
+"""Fashion-MNIST on a tiny fixture written in the real idx format (gzipped, with the
 real magic numbers): the reader and its one-line errors, the images and captions, prepare.py
 --source fashion-mnist (the official split kept), train_vae.py --data fashion-mnist (never reads
 the test files), and `evaluate.py fashion` end to end on tiny models. The real files are not needed."""
@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 
 import data
+import runtime
+import shapes
 import evaluate
+import metrics
 import prepare
 import sample
 import tokenizer
@@ -147,7 +150,7 @@ def test_images_are_inverted_and_padded_with_white():
     assert data.fashion_image(pixels[0], 64).size == (64, 64)
     for size in (32, 64):  # the evaluation's batch path gives the same pixels
         want = torch.stack([data.to_tensor(data.fashion_image(p, size))[:1] for p in pixels])
-        assert torch.equal(evaluate.fashion_batch(pixels, size), want)
+        assert torch.equal(metrics.fashion_batch(pixels, size), want)
     with pytest.raises(ValueError, match="28, 28"):
         data.fashion_image(pixels[0][:27])
 
@@ -168,7 +171,7 @@ def test_every_paraphrase_parses_back_and_heldout_ones_stay_out_of_training():
                 for cap in data.fashion_captions(i % 10, i, split)}
     assert len(training) == 10 * len(data.FASHION_TEMPLATES) and not training & HELDOUT
     caps = data.fashion_captions(9, 5)
-    assert caps == data.fashion_captions(9, 5) and len(set(caps)) == data.CAPTIONS_PER_IMAGE
+    assert caps == data.fashion_captions(9, 5) and len(set(caps)) == shapes.CAPTIONS_PER_IMAGE
     for text, want in [("a shirt and a t-shirt.", None), ("A T-SHIRT", 0), ("a shirt.", 6), ("two sneakers", 7),
                        ("a handbag.", None), ("nothing here.", None), ("an ankle boot beside a boot.", 9),
                        ("Trousers", 1), ("a pair of trousers on a dress.", None)]:
@@ -208,7 +211,7 @@ def test_train_vae_reads_only_the_official_training_images(tmp_path):
     out = tmp_path / "ml"
     train_vae.main(["--ml", "--preset", "fashion", "--data", "fashion-mnist", "--fashion-root", str(root),
                     "--batch-size", "8", "--val-size", "8", "--max-steps", "2", "--grid-images", "4", "--out", str(out)])
-    ckpt = data.load_checkpoint(out / "ckpt.pt", "augvae")
+    ckpt = runtime.load_checkpoint(out / "ckpt.pt", "augvae")
     assert ckpt["step"] == 2 and ckpt["config"]["image_size"] == 32 and "val_psnr" in (out / "log.txt").read_text()
     cfg = {"data": "fashion-mnist", "fashion_root": str(root), "val_fraction": 0.1, "seed": 0, "val_size": 100}
     train, val = train_vae.make_datasets(cfg, 32)
@@ -228,10 +231,10 @@ def test_image_metrics_by_hand():
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(200) % 10
     real = torch.randn(200, 4, generator=g, dtype=torch.float64).float()
-    same = evaluate.fashion_image_metrics(labels, real, labels, real, labels)
+    same = metrics.fashion_image_metrics(labels, real, labels, real, labels)
     assert same["accuracy"] == 1 and same["fd"] == pytest.approx(0, abs=1e-6) and same["diversity"] == pytest.approx(1)
     one_each = real[labels]  # one image per class, repeated: no diversity, far from each class's spread
-    collapsed = evaluate.fashion_image_metrics((labels + 1) % 10, one_each, labels, real, labels)
+    collapsed = metrics.fashion_image_metrics((labels + 1) % 10, one_each, labels, real, labels)
     assert collapsed["accuracy"] == 0 and collapsed["diversity"] == 0
     assert all(m["diversity"] == 0 and m["fd"] > 1 for m in collapsed["per_class"].values())
 
@@ -261,11 +264,11 @@ def test_evaluate_fashion_end_to_end(models, fashion_root, tmp_path, capsys):
     assert res == json.loads((tmp_path / "fashion.json").read_text())
 
     clf = res["classifier"]  # trained here on the training images; its accuracy recomputed by hand
-    ckpt = data.load_checkpoint(tmp_path / "clf.pt", evaluate.FASHION_CLASSIFIER_KIND)
-    model = evaluate.FashionClassifier(ckpt["config"]["width"], ckpt["config"]["features"])
+    ckpt = runtime.load_checkpoint(tmp_path / "clf.pt", evaluate.FASHION_CLASSIFIER_KIND)
+    model = metrics.FashionClassifier(ckpt["config"]["width"], ckpt["config"]["features"])
     model.load_state_dict(ckpt["model"])
     test_pixels, test_labels = data.read_fashion_mnist(str(fashion_root), "test")
-    preds, _ = evaluate.classify(model, evaluate.fashion_batch(test_pixels))
+    preds, _ = metrics.classify(model, metrics.fashion_batch(test_pixels))
     assert clf["trained_now"] and clf["test_accuracy"] == float((preds.numpy() == test_labels).mean())
     assert clf["void"] == (clf["test_accuracy"] < 0.9) and clf["void"] == ("VOID" in stdout)
 

@@ -1,4 +1,4 @@
-"""Fault injection (issue 8) with real processes and files: a full disk and an unwritable output
+"""Fault injection with real processes and files: a full disk and an unwritable output
 folder while checkpointing, a NaN/inf loss, a torchrun rank whose data shard is all corrupt
 images, extreme images and captions, pickles that would run code on load, newer and wrong
 checkpoints. Kill -9 and resume, and most wrong-file and bad-image cases, are tested in the
@@ -22,6 +22,7 @@ from PIL import Image
 
 import augvae
 import data
+import runtime
 import prepare
 import tokenizer
 import train_gpt
@@ -150,12 +151,12 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(name, world
     out = tmp_path / "run"
     shutil.copytree(world[name], out)
     path = out / "ckpt.pt"
-    before = data.sha256_file(path)
+    before = runtime.sha256_file(path)
     # resume from step 2 towards 6, a checkpoint every 2 steps: the write at step 4 fills the disk
     r = script(name, ["--resume", "--out", str(out), "--max-steps", "6", "--ckpt-every", "2"],
                file_limit=os.path.getsize(path) // 2)
     assert error_line(r, name) == f"{name}: error: could not write checkpoint {path}: File too large"
-    assert data.sha256_file(path) == before  # the step-2 checkpoint, byte for byte
+    assert runtime.sha256_file(path) == before  # the step-2 checkpoint, byte for byte
     c = ckpt(path)
     assert c["step"] == 2 and c["kind"] == ("augvae" if name == "train_vae.py" else "biart")
     assert temp_files(out) == []  # the half-written temp file is gone
@@ -282,7 +283,7 @@ def corrupt_bytes(kind: str) -> bytes:
 
 def test_ddp_rank_whose_shard_is_all_corrupt_images_completes(tmp_path):
     n, batch, procs, steps = 16, 2, 2, 4  # 4 steps = one epoch: each rank reads its 8 images once
-    sampler = iter(data.MicroBatches(n, batch, rank=1, world=procs, seed=0, start=0))
+    sampler = iter(runtime.MicroBatches(n, batch, rank=1, world=procs, seed=0, start=0))
     rank1 = sorted({i for _ in range(steps) for i in next(sampler)})  # train_vae.py's order for rank 1
     assert len(rank1) == n // procs
     rng = np.random.default_rng(0)
@@ -443,8 +444,8 @@ def evil(tmp_path_factory):
     raw = folder / "evil.pkl"  # the same as a plain (non-zip) pickle
     raw.write_bytes(pickle.dumps({"x": RunsCode(marker)}, protocol=2))
     for f in (path, raw):
-        with pytest.raises(data.CheckpointError, match="not a loadable weights file"):
-            data.load_weights(f)
+        with pytest.raises(runtime.CheckpointError, match="not a loadable weights file"):
+            runtime.load_weights(f)
     assert not marker.exists()
     return str(path), str(run), marker
 
@@ -472,14 +473,14 @@ def test_newer_or_wrong_checkpoint_is_a_one_line_error(world, tmp_path):
     newer = {}
     for which in ("gpt", "vae"):
         c = ckpt(world[which])
-        c["format_version"] = data.CHECKPOINT_FORMAT + 1
+        c["format_version"] = runtime.CHECKPOINT_FORMAT + 1
         newer[which] = tmp_path / f"newer_{which}.pt"
         torch.save(c, newer[which])
     text = ["--text", "A red circle.", "--out", tmp_path / "out"]
     runs = [("sample.py", ["--vae", world["vae"], "--gpt", newer["gpt"], *text],
-             f"{newer['gpt']}: checkpoint format {data.CHECKPOINT_FORMAT + 1} is newer than this code"),
+             f"{newer['gpt']}: checkpoint format {runtime.CHECKPOINT_FORMAT + 1} is newer than this code"),
             ("sample.py", ["--vae", newer["vae"], "--gpt", world["gpt"], *text],
-             f"{newer['vae']}: checkpoint format {data.CHECKPOINT_FORMAT + 1} is newer than this code"),
+             f"{newer['vae']}: checkpoint format {runtime.CHECKPOINT_FORMAT + 1} is newer than this code"),
             ("train_vae.py", ["--resume", "--out", world["train_gpt.py"]],  # a BiART run's folder
              f"{world['gpt']}: is a 'biart' checkpoint, expected 'augvae'")]
     for (name, args, message), r in zip(runs, run_many([(n, a, tmp_path) for n, a, _ in runs])):

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 import data
+import runtime
+import shapes
 import prepare
 from conftest import save_tiny_vae
 
@@ -76,21 +78,21 @@ def test_shapes_tokens_equal_augvae_encode(vae, shapes_out):
     assert not (out / "parts").exists()
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk == meta
-    assert meta["vae_sha256"] == data.sha256_file(path) and meta["vae"] == os.path.abspath(path)
+    assert meta["vae_sha256"] == runtime.sha256_file(path) and meta["vae"] == os.path.abspath(path)
     assert (meta["codebook_size"], meta["grid"], meta["image_len"], meta["image_size"]) == (512, 4, 16, 32)
     assert meta["splits"]["train"] == {"images": 10, "skipped": 0, "captions": 50, "crops_per_image": 2}
     assert meta["source"] == "shapes" and meta["skipped"] == {}
 
-    examples = [data.shapes_example(i, "train", 32) for i in range(10)]
-    expect = encode(model, [data._tensor_from_uint8(e.image) for e in examples])
+    examples = [shapes.shapes_example(i, "train", 32) for i in range(10)]
+    expect = encode(model, [data.from_uint8(e.image) for e in examples])
     assert np.array_equal(tokens, expect)
-    held = [data._tensor_from_uint8(data.shapes_example(i, "heldout", 32).image) for i in range(3)]
+    held = [data.from_uint8(shapes.shapes_example(i, "heldout", 32).image) for i in range(3)]
     assert np.array_equal(np.load(out / "heldout.npy"), encode(model, held))
     lines = [json.loads(l) for l in (out / "train.jsonl").read_text().splitlines()]
     assert [l["captions"] for l in lines] == [e.captions for e in examples]
     # crop k of image i: the documented draw, from the scene rendered at twice the size
     rng = random.Random("0/train/7")
-    big = Image.fromarray(data.shapes_example(7, "train", 64).image)
+    big = Image.fromarray(shapes.shapes_example(7, "train", 64).image)
     views = [data.to_tensor(data.random_crop_resize(big, 32, rng)) for _ in range(2)]
     assert np.array_equal(crops[7], encode(model, views))
     assert not np.array_equal(crops[:, 0], tokens)

@@ -15,6 +15,7 @@ from PIL import Image
 
 import biart
 import data
+import shapes
 import sample
 from conftest import save_tiny_vae
 
@@ -48,7 +49,7 @@ def results(out):
 
 def scene(size=(96, 60)):
     """An asymmetric RGB test picture (a shapes image stretched to a non-square size)."""
-    return Image.fromarray(data.shapes_example(3, "test", 64).image).resize(size)
+    return Image.fromarray(shapes.shapes_example(3, "test", 64).image).resize(size)
 
 
 def write_image_kinds(folder):
@@ -175,7 +176,7 @@ def test_batch_texts_skip_bad_lines(trained, tmp_path):
 def test_self_rerank_scores_are_the_other_directions_likelihood(trained):
     vae, gpt = trained
     s = sample.Sampler(vae, gpt, device="cpu", batch_size=5)  # 5: forces chunked calls
-    ex = data.shapes_example(0, "test", 32)
+    ex = shapes.shapes_example(0, "test", 32)
     image = s.encode_images([Image.fromarray(ex.image)])
     text = s.caption_ids(ex.captions[0])[None]
     g = torch.Generator().manual_seed(0)
@@ -277,5 +278,5 @@ def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_p
 def test_help_explains_every_flag():
     r = run(["--help"])
     assert r.returncode == 0
-    for k in sample.DEFAULTS:
+    for k in sample.FLAGS:
         assert "--" + k.replace("_", "-") in r.stdout

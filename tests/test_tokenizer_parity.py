@@ -15,6 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bench  # noqa: E402  (finds and loads the reference: bench.reference_path, bench.load_reference)
 import tokenizer  # noqa: E402
 
 SKIP_REASON = ("OpenAI CLIP's simple_tokenizer.py not found: set CLIP_REF_TOKENIZER=/path/to/simple_tokenizer.py "
@@ -23,10 +24,10 @@ SKIP_REASON = ("OpenAI CLIP's simple_tokenizer.py not found: set CLIP_REF_TOKENI
 
 @pytest.fixture(scope="module")
 def pair():
-    path = tokenizer.reference_path()
+    path = bench.reference_path()
     if path is None:
         pytest.skip(SKIP_REASON)
-    return tokenizer.Tokenizer(), tokenizer.load_reference(path)
+    return tokenizer.Tokenizer(), bench.load_reference(path)
 
 
 HARD = [

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import biart
-import data
+import runtime
 import tokenizer
+from conftest import kill_points
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -74,7 +75,7 @@ def test_smoke_checkpoint_and_log(setup, tmp_path):
     c = ckpt(out / "ckpt.pt")
     tok = tokenizer.Tokenizer(str(bpe))
     meta = json.loads((tokens / "meta.json").read_text())
-    assert c["kind"] == "biart" and c["format_version"] == data.CHECKPOINT_FORMAT and c["step"] == 4
+    assert c["kind"] == "biart" and c["format_version"] == runtime.CHECKPOINT_FORMAT and c["step"] == 4
     config = biart.BiARTConfig.from_dict(c["config"])
     # the layout follows the data and the tokenizer
     assert (config.image_vocab, config.image_len) == (512, 16)
@@ -82,7 +83,7 @@ def test_smoke_checkpoint_and_log(setup, tmp_path):
     assert (config.n_layer, config.n_embd, config.n_head) == (1, 32, 2)
     model = biart.BiART(config)
     model.load_state_dict(c["model"], strict=True)
-    assert c["tokenizer"] == {"path": str(bpe), "sha256": data.sha256_file(bpe),
+    assert c["tokenizer"] == {"path": str(bpe), "sha256": runtime.sha256_file(bpe),
                               "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
     assert c["tokens_meta"]["vae_sha256"] == meta["vae_sha256"] and c["tokens_meta"]["grid"] == 4
     assert {"optimizer", "scaler", "rng", "best_val", "lr", "data_position", "train"} <= c.keys()
@@ -112,38 +113,49 @@ def test_smoke_checkpoint_and_log(setup, tmp_path):
     assert steps == ["t2i", "t2i", "t2i", "i2t"] * 2
 
 
-def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path, kill_when_logged):
-    args = [*base(setup), "--max-steps", "80", "--eval-every", "5", "--ckpt-every", "4", "--plateau-patience", "1",
+def kill_args(setup):
+    return [*base(setup), "--max-steps", "80", "--eval-every", "5", "--ckpt-every", "5", "--plateau-patience", "1",
             "--dropout", "0.1", "--warmup-steps", "3", "--total-batch", "8", "--lr", "5e-2",
             "--warmdown-steps", "30", "--positions", "canonical", "--ref-weight", "0.5"]
-    full = tmp_path / "full"
-    r = run([*args, "--out", str(full)])
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, tmp_path_factory):
+    """80 uninterrupted steps that halve the lr at a plateau and end in a 30-step warmdown."""
+    out = tmp_path_factory.mktemp("gpt_full") / "full"
+    r = run([*kill_args(setup), "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "lr halved" in (full / "log.txt").read_text()  # the plateau state is part of what resumes
-    lrs = {int(l.split()[1]): float(l.split(" lr ")[1].split()[0])
-           for l in (full / "log.txt").read_text().splitlines() if l.startswith("step ")}
+    return out
+
+
+@pytest.mark.parametrize("where", ["warmdown", "plateau"])
+def test_kill_and_resume_equals_uninterrupted_run(setup, full_run, where, tmp_path, kill_when_logged):
+    """kill -9 right after a checkpoint inside the warmdown, or right after the checkpoint that
+    follows a plateau halving; the resumed run ends bitwise where the uninterrupted one did."""
+    text = (full_run / "log.txt").read_text()
+    lrs = {int(l.split()[1]): float(l.split(" lr ")[1].split()[0]) for l in text.splitlines() if l.startswith("step ")}
     assert lrs[80] < lrs[50] / 20  # the warmdown: towards --min-lr over the last 30 steps
-    assert biart.BiARTConfig.from_dict(ckpt(full / "ckpt.pt")["config"]).positions == "canonical"
+    assert biart.BiARTConfig.from_dict(ckpt(full_run / "ckpt.pt")["config"]).positions == "canonical"
+    at = kill_points(text, 80 - 30)[where]
 
     cut = tmp_path / "cut"
-    # kill -9 right after the second checkpoint is announced
-    kill_when_logged([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args, "--out", str(cut)],
-                     cut / "log.txt", "saved checkpoint step 8", ENV, ROOT)
+    kill_when_logged([sys.executable, os.path.join(ROOT, "train_gpt.py"), *kill_args(setup), "--out", str(cut)],
+                     cut / "log.txt", f"saved checkpoint step {at} to ", ENV, ROOT)
     log = cut / "log.txt"
     killed_at = ckpt(cut / "ckpt.pt")["step"]  # loads: the file was never half-written
-    assert 8 <= killed_at < 80, "the run finished before the kill; make it longer"
+    assert at <= killed_at < 80, "the run finished before the kill; make it longer"
 
     r = run(["--resume", "--out", str(cut)])
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b = ckpt(full / "ckpt.pt"), ckpt(cut / "ckpt.pt")
+    a, b = ckpt(full_run / "ckpt.pt"), ckpt(cut / "ckpt.pt")
     assert a["step"] == b["step"] == 80
     assert_same_state(a["model"], b["model"])  # bitwise
-    assert a["lr"] == b["lr"] and a["best_val"] == b["best_val"]
+    assert a["lr"] == b["lr"] and a["best_val"] == b["best_val"] and a["bad_evals"] == b["bad_evals"]
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert "resuming" in log.read_text()
     # the resumed run logs the same losses as the uninterrupted one from the kill on
-    tail = [l.split(" lr ")[0] for l in (full / "log.txt").read_text().splitlines() if l.startswith("step 7")]
+    tail = [l.split(" lr ")[0] for l in text.splitlines() if l.startswith("step 7")]
     assert tail and all(t in log.read_text() for t in tail)
 
 

@@ -11,6 +11,8 @@ from PIL import Image
 
 import augvae
 import data
+import runtime
+from conftest import kill_points
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a few seconds per run: 32 px shapes, batch 4, the small preset
@@ -68,29 +70,41 @@ def test_ml_then_sl_smoke(ml_run, tmp_path):
     assert model.eval().encode(x).shape == (2, 4, 4)  # 32 px / 8
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path, kill_when_logged):
-    args = ["--ml", *TINY, "--max-steps", "40", "--eval-every", "5", "--ckpt-every", "4", "--plateau-patience", "1",
-            "--warmdown-steps", "10"]
-    full = tmp_path / "full"
-    r = run([*args, "--out", str(full)])
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """40 uninterrupted ML steps that halve the lr at a plateau and end in a 12-step warmdown."""
+    out = tmp_path_factory.mktemp("vae_full") / "full"
+    r = run([*KILL_ARGS, "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
-    lrs = {int(l.split()[1]): float(l.split(" lr ")[1].split()[0])
-           for l in (full / "log.txt").read_text().splitlines() if l.startswith("step ")}
-    assert lrs[40] < 0.2 * lrs[30]  # the warmdown: towards --min-lr over the last 10 steps
+    return out
 
+
+KILL_ARGS = ["--ml", *TINY, "--max-steps", "40", "--eval-every", "4", "--ckpt-every", "4", "--plateau-patience", "1",
+             "--warmdown-steps", "12", "--lr", "1e-2"]
+
+
+@pytest.mark.parametrize("where", ["warmdown", "plateau"])
+def test_kill_and_resume_equals_uninterrupted_run(full_run, where, tmp_path, kill_when_logged):
+    """kill -9 right after a checkpoint inside the warmdown, or right after the checkpoint that
+    follows a plateau halving; the resumed run ends bitwise where the uninterrupted one did
+    (both cases resumed with the wrong base rate when it was read back from the optimizer)."""
+    text = (full_run / "log.txt").read_text()
+    lrs = {int(l.split()[1]): float(l.split(" lr ")[1].split()[0]) for l in text.splitlines() if l.startswith("step ")}
+    assert lrs[40] < 0.2 * lrs[28]  # the warmdown: towards --min-lr over the last 12 steps
+    at = kill_points(text, 40 - 12)[where]
     cut = tmp_path / "cut"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    # kill -9 right after the second checkpoint is announced
-    kill_when_logged([sys.executable, os.path.join(ROOT, "train_vae.py"), *args, "--out", str(cut)],
-                     cut / "log.txt", "saved checkpoint step 8", env, ROOT)
+    kill_when_logged([sys.executable, os.path.join(ROOT, "train_vae.py"), *KILL_ARGS, "--out", str(cut)],
+                     cut / "log.txt", f"saved checkpoint step {at} to ", env, ROOT)
     killed_at = ckpt(cut / "ckpt.pt")["step"]  # loads: the file was never half-written
-    assert 8 <= killed_at < 40, "the run finished before the kill; make it longer"
+    assert at <= killed_at < 40, "the run finished before the kill; make it longer"
 
     r = run(["--resume", "--out", str(cut)])
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b = ckpt(full / "ckpt.pt"), ckpt(cut / "ckpt.pt")
+    a, b = ckpt(full_run / "ckpt.pt"), ckpt(cut / "ckpt.pt")
     assert a["step"] == b["step"] == 40
     assert_same_state(a["model"], b["model"])  # bitwise, codebook buffers included
+    assert a["lr"] == b["lr"] and a["best_val"] == b["best_val"] and a["bad_evals"] == b["bad_evals"]
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
@@ -103,7 +117,7 @@ def test_resume_of_a_checkpoint_older_than_a_setting(ml_run, tmp_path):
     out.mkdir()
     c = ckpt(ml_run / "ckpt.pt")
     del c["train"]["warmdown_steps"]
-    data.save_checkpoint(c, out / "ckpt.pt")
+    runtime.save_checkpoint(c, out / "ckpt.pt")
     r = run(["--resume", "--out", str(out), "--max-steps", "7"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert ckpt(out / "ckpt.pt")["step"] == 7
