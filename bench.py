@@ -26,6 +26,8 @@ Rows (each prints the figure, its baseline, the ratio, the machine and the setti
      bench_captions; 5b: with BPE-dropout 0.1 (train_gpt.py --bpe-dropout) against without.
   6  the README demo end to end: `seconds` from out/demo/results.json (written by `python demo.py`),
      or, with --e2e, a timed run of it.
+  7  each demo stage's training step (AugVAE-ML, AugVAE-SL, BiART at the demo's sizes) in fp32 and
+     under bf16 autocast, and demo.py's --dtype auto probe (runtime.cpu_bf16_speedup) beside them.
 
 Method. Every measurement runs in a fresh Python process (`--worker`), so memory freed by earlier
 work cannot hide a peak and one row cannot warm another. A figure is the median of at least 3
@@ -53,7 +55,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -68,6 +69,7 @@ from torch.nn import functional as F
 
 import augvae
 import biart
+import data
 import runtime
 import tokenizer
 
@@ -100,6 +102,8 @@ SETTINGS = {
         vae_overrides=dict(),
         vae_batch=1,
         tok_count=10000,             # row 5: captions per timed run
+        demo_batch=32,               # row 7: the demo's batch (train_vae.py's and train_gpt.py's default)
+        demo_probes=3,               # row 7: calls of demo.py's --dtype auto probe
     ),
 }
 SETTINGS["quick"] = {**SETTINGS["full"], **dict(
@@ -111,32 +115,13 @@ SETTINGS["tiny"] = {**SETTINGS["full"], **dict(  # every path at toy sizes, for 
     sample_overrides=dict(n_layer=1, n_head=2, n_embd=32, text_len=8, image_len=16, image_vocab=64,
                           text_vocab=100),
     sample_batches=[1, 3], sample_length=16, check_tokens=4,
-    quant_shape=[2, 16, 8, 8], quant_codes=64, quant_chunk=32,
+    quant_shape=[2, 16, 8, 8], quant_codes=64, quant_chunk=32, demo_batch=2, demo_probes=1,
     vae_preset="small", vae_overrides=dict(image_size=32), vae_batch=2, tok_count=50)}
 CUDA_SETTINGS = dict(peak_sizes=[8192], train_batch=8, vae_batch=16)  # a GPU needs bigger work to be busy
 
 
 # -----------------------------------------------------------------------------------------
 # the machine, its load, memory
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: torch.device) -> dict:
-    m = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-         "torch": torch.__version__, "device": str(device)}
-    if device.type == "cuda":
-        m["gpu"] = torch.cuda.get_device_name(device)
-    return m
-
 
 def machine_short(m: dict) -> str:
     where = m["gpu"] if "gpu" in m else f"{m['cpu']} ({m['cores']} cores), {m['threads']} thread(s)"
@@ -808,6 +793,38 @@ def vae_part(device: str, op: str, preset: str, overrides: dict, batch: int, dty
             "params": sum(p.numel() for p in model.parameters())}
 
 
+# the demo's three trained models at its sizes: AugVAE small ML and SL at 64 px (batch 32, MSE +
+# commitment: the demo has no LPIPS weights), BiART small (4 x 256, 600 text ids, 24 text + 64 image
+# tokens, batch 32), as `python demo.py` trains them
+DEMO_BIART = dict(text_vocab=600, text_len=24)
+
+
+def demo_stage_part(device: str, stage: str, dtype: str, repeats: int, batch: int = 32) -> dict:
+    """Seconds per training step (forward, backward, AdamW) of one demo stage under `dtype`."""
+    dev = torch.device(device)
+    if stage == "gpt":
+        step, model = make_trainer("ours", biart.BiARTConfig.preset("small", **DEMO_BIART), batch, dtype, dev)
+    elif stage in ("vae_ml", "vae_sl"):
+        torch.manual_seed(0)
+        model = augvae.AugVAE(augvae.preset("small", single_level=stage == "vae_sl")).to(dev).train()
+        x = torch.stack([data.ShapesDataset("train", batch, model.cfg.image_size)[i] for i in range(batch)]).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+        def step():
+            with ctx:
+                recon, commit, _ = model(x)
+            loss = F.mse_loss(recon.float(), x) + commit
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        raise ValueError(f"unknown demo stage {stage!r}")
+    step()  # optimizer state, codebook init
+    r = measure(step, dev, repeats, memory=False, time_first=True)
+    return {**r, "step_s": r["median"], "params": sum(p.numel() for p in model.parameters())}
+
+
 def tokenizer_part(device: str, kind: str, count: int, repeats: int, dropout: float = 0.0) -> dict:
     """captions/s of a fresh tokenizer (cold word cache) encoding `count` COCO-style captions
     (bench_captions); ours with BPE-dropout `dropout` > 0 draws from a fresh random.Random(0) each
@@ -840,7 +857,7 @@ def tokenizer_part(device: str, kind: str, count: int, repeats: int, dropout: fl
 
 
 PARTS = {"peak": peak_part, "train": train_part, "sample": sample_part, "quantizer": quantizer_part,
-         "vae": vae_part, "tokenizer": tokenizer_part}
+         "vae": vae_part, "tokenizer": tokenizer_part, "demo_stage": demo_stage_part}
 
 
 def worker_main(name: str, spec: dict, threads: int) -> None:
@@ -937,7 +954,7 @@ class Rows:
         self.run = Runner(threads, in_process, log)
         self.dev = str(device)
         self.reps = self.S["repeats"]
-        self.machine = machine(device)
+        self.machine = runtime.machine(device)
         if threads:
             self.machine["threads"] = threads
         self.fp32_name = "fp32 (TF32)" if device.type == "cuda" else "fp32"
@@ -1134,6 +1151,29 @@ def row_tokenizer(c: Rows) -> None:
              tokenizer_dropout_tokens_per_caption=drop["tokens_per_caption"])
 
 
+def row_demo_stages(c: Rows) -> None:
+    """Row 7: each demo stage's training step, fp32 and bf16 autocast side by side, and the probe
+    (runtime.cpu_bf16_speedup) that `demo.py --dtype auto` decides by, measured in the same run."""
+    run, add, J, reps = c.run, c.add, c.J, c.reps
+    c.log("row 7: demo stages, fp32 and bf16")
+    for stage in ("vae_ml", "vae_sl", "gpt"):
+        sp = dict(device=c.dev, stage=stage, repeats=reps, batch=c.S["demo_batch"])
+        f32 = run("demo_stage", dtype="float32", **sp)
+        b16 = run("demo_stage", dtype="bfloat16", **sp)
+        add("7", f"demo {stage} training step, bf16 autocast", f"{b16['step_s']:.3f} s",
+            f"{c.fp32_name}: {f32['step_s']:.3f} s", f"{f32['step_s'] / b16['step_s']:.2f}x",
+            "", fmt_load(mean_load(f32, b16)),
+            f"as python demo.py trains it: batch {c.S['demo_batch']}, {f32['params'] / 1e6:.2f}M params; "
+            "ratio = fp32 time / bf16 time")
+        J[f"demo_{stage}_step_s"] = {"float32": f32["step_s"], "bfloat16": b16["step_s"]}
+    if c.dev == "cpu":
+        probes = [runtime.cpu_bf16_speedup() for _ in range(c.S["demo_probes"])]
+        add("7", "demo.py --dtype auto probe: fp32 time / bf16 time", ", ".join(f"{p:.2f}x" for p in probes), "", "",
+            "", "", f"runtime.cpu_bf16_speedup, {len(probes)} call(s) in this process; the demo picks bf16 "
+            "above 1.1x")
+        J["bf16_probe"] = probes
+
+
 def row_e2e(c: Rows, e2e: bool) -> None:
     """Row 6: the README demo end to end."""
     add, J = c.add, c.J
@@ -1147,7 +1187,7 @@ def row_e2e(c: Rows, e2e: bool) -> None:
     J.update(e2e_seconds=secs, e2e_measured_seconds=e.get("measured_s"))
 
 
-ROWS = {1: row_train, 2: row_sampling, 3: row_quantizer, 4: row_vae, 5: row_tokenizer}
+ROWS = {1: row_train, 2: row_sampling, 3: row_quantizer, 4: row_vae, 5: row_tokenizer, 7: row_demo_stages}
 
 
 def run_bench(mode: str, rows: list, device: torch.device, threads: int, in_process: bool,
@@ -1191,9 +1231,9 @@ def parse_rows(s: str) -> list:
     try:
         rows = sorted({int(x) for x in s.split(",") if x.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--rows takes numbers 1-6 separated by commas, got {s!r}")
-    if not rows or any(r not in range(1, 7) for r in rows):
-        raise argparse.ArgumentTypeError(f"--rows takes numbers 1-6, got {s!r}")
+        raise argparse.ArgumentTypeError(f"--rows takes numbers 1-7 separated by commas, got {s!r}")
+    if not rows or any(r not in range(1, 8) for r in rows):
+        raise argparse.ArgumentTypeError(f"--rows takes numbers 1-7, got {s!r}")
     return rows
 
 
@@ -1205,7 +1245,7 @@ def main(argv: list | None = None) -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smaller settings: a few minutes on a 2-core CPU")
     mode.add_argument("--tiny", action="store_true", help="every path at toy sizes (for tests; the figures mean nothing)")
-    p.add_argument("--rows", type=parse_rows, default=list(range(1, 7)), help="rows to run, e.g. 1,3 (default: all)")
+    p.add_argument("--rows", type=parse_rows, default=list(range(1, 8)), help="rows to run, e.g. 1,3 (default: all)")
     p.add_argument("--json", default="", metavar="FILE", help="also write the figures to FILE as JSON")
     p.add_argument("--compile", action="store_true", help="row 1 also with torch.compile")
     p.add_argument("--e2e", action="store_true", help="row 6: run `python demo.py` and time it (not in the default run)")

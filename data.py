@@ -648,20 +648,114 @@ class Views(torch.utils.data.Dataset):
 TOKENS_FORMAT = 1  # of prepare.py's output folder (meta.json says which)
 
 
+META_FIELDS = {"codebook_size": int, "image_len": int, "splits": dict, "vae": str, "vae_sha256": str,
+               "source": str}  # what train_gpt.py reads from meta.json
+
+
 def read_meta(folder: str) -> dict:
+    """The folder's meta.json, checked: a missing, cut-short or foreign one is a one-line
+    error naming the file, before anything is trained or written."""
     path = os.path.join(folder, "meta.json")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--tokens {folder}: no such folder (run prepare.py first)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--tokens {folder}: no meta.json (is prepare.py finished there?)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format_version", 0) > TOKENS_FORMAT:
-        raise ValueError(f"{path}: format {meta['format_version']} is newer than this code understands")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else runtime.first_line(e)
+        raise ValueError(f"could not read {path}: not valid JSON ({reason}{where}); the file is truncated "
+                         f"or damaged: run prepare.py again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a prepare.py meta.json (a JSON {type(meta).__name__}, not an object)")
+    for key, kind in META_FIELDS.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            raise ValueError(f"{path}: not a prepare.py meta.json ({key!r} is {value!r}, expected "
+                             f"{'a positive integer' if kind is int else 'a ' + kind.__name__})")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int):
+        raise ValueError(f"{path}: not a prepare.py meta.json ('format_version' is {version!r})")
+    if version > TOKENS_FORMAT:
+        raise ValueError(f"{path}: format {version} is newer than this code understands")
     for split in ("train", "val"):
         if split not in meta["splits"]:
             raise ValueError(f"--tokens {folder}: has no {split!r} split")
     return meta
+
+
+def open_token_array(path: str) -> np.ndarray:
+    """np.load(path, mmap_mode='r') of a prepare.py array with a one-line error naming the file.
+    numpy's own messages for a cut-short file ("mmap length is greater than file size", an
+    EOFError "No data left in file") name neither the file nor the cause."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (is prepare.py finished there?)")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        size = os.path.getsize(path)
+        if size == 0:
+            reason = "the file is empty (0 bytes)"
+        else:
+            try:  # the size the header promises, when the header itself is whole
+                with open(path, "rb") as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(f)
+                    want = f.tell() + math.prod(shape) * dtype.itemsize
+                reason = f"the file is truncated ({size:,} of the {want:,} bytes its header promises)"
+            except Exception:
+                reason = f"the file is truncated or not a .npy array ({runtime.first_line(e)[:200]})"
+        raise ValueError(f"could not read {path}: {reason}; run prepare.py again") from None
+    if arr.dtype.kind not in "ui":
+        raise ValueError(f"{path}: holds {arr.dtype} values, not integer token ids")
+    return arr
+
+
+def check_token_ids(arr: np.ndarray, vocab: int, path: str) -> None:
+    """A ValueError naming the file and the first image with a token id outside [0, vocab).
+    It reads the whole (memory-mapped) array once, in ~32 MB chunks, when the set is opened:
+    about a second per GB from disk, so seconds to a minute for the paper's arrays (~7 GB with
+    crops, once per process; the ranks share the page cache) against a run of hours. In exchange
+    a bad id stops the run before a flag, a log line or a checkpoint is written, where a check per
+    batch (biart.build_sequence still makes one) finds it only when that image is drawn, perhaps
+    days in, and without naming the file."""
+    if not len(arr):
+        return
+    rows = max(1, (16 << 20) // max(1, arr[0].size))
+    for lo in range(0, len(arr), rows):
+        chunk = np.asarray(arr[lo:lo + rows])
+        if chunk.max() < vocab and (arr.dtype.kind == "u" or chunk.min() >= 0):
+            continue
+        bad = ((chunk >= vocab) | (chunk < 0)).reshape(len(chunk), -1)
+        row = int(bad.any(axis=1).argmax())
+        value = int(chunk.reshape(len(chunk), -1)[row][bad[row].argmax()])
+        raise ValueError(f"{path}: image {lo + row} holds token id {value}, outside the codebook "
+                         f"[0, {vocab}) of meta.json: the array is damaged or from another VAE; "
+                         f"run prepare.py again")
+
+
+def read_captions(path: str) -> list:
+    """The captions of each line of a prepare.py {split}.jsonl, one list per image."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (is prepare.py finished there?)")
+    captions = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                caps = json.loads(line)["captions"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"could not read {path}:{lineno}: not a prepare.py line "
+                                 f"({runtime.first_line(e)[:100]}); the file is truncated or damaged") from None
+            if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
+                raise ValueError(f"{path}:{lineno}: 'captions' must be a non-empty list of strings")
+            captions.append(caps)
+    return captions
 
 
 class TokenCaptions(torch.utils.data.Dataset):
@@ -675,15 +769,21 @@ class TokenCaptions(torch.utils.data.Dataset):
                  train: bool, bpe_dropout: float, seed: int, truncate: bool):
         self.tok, self.config, self.train = tok, config, train
         self.bpe_dropout, self.seed, self.truncate = bpe_dropout, seed, truncate
-        self.tokens = np.load(os.path.join(folder, f"{split}.npy"), mmap_mode="r")  # (N, image_len) uint16
+        path = os.path.join(folder, f"{split}.npy")
+        self.tokens = open_token_array(path)  # (N, image_len) uint16
         crops = os.path.join(folder, f"{split}_crops.npy")
-        self.crops = np.load(crops, mmap_mode="r") if train and os.path.exists(crops) else None  # (N, K, L)
-        with open(os.path.join(folder, f"{split}.jsonl"), encoding="utf-8") as f:
-            self.captions = [json.loads(line)["captions"] for line in f if line.strip()]
+        self.crops = open_token_array(crops) if train and os.path.exists(crops) else None  # (N, K, L)
+        self.captions = read_captions(os.path.join(folder, f"{split}.jsonl"))
         if len(self.captions) != len(self.tokens):
             raise ValueError(f"{folder}: {split}.jsonl has {len(self.captions)} lines for {len(self.tokens)} images")
         if self.tokens.ndim != 2 or self.tokens.shape[1] != config.image_len:
             raise ValueError(f"{folder}/{split}.npy: shape {self.tokens.shape}, expected (N, {config.image_len})")
+        if self.crops is not None and (self.crops.ndim != 3 or self.crops.shape[0] != len(self.tokens)
+                                       or self.crops.shape[2] != config.image_len):
+            raise ValueError(f"{crops}: shape {self.crops.shape}, expected ({len(self.tokens)}, K, {config.image_len})")
+        check_token_ids(self.tokens, config.image_vocab, path)
+        if self.crops is not None:
+            check_token_ids(self.crops, config.image_vocab, crops)
         self.epoch = 0
         self.truncated = 0
         for i, caps in enumerate(self.captions):  # every caption must fit without dropout

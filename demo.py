@@ -40,6 +40,8 @@ import tokenizer
 import train_gpt
 import train_vae
 
+BF16_MARGIN = 1.1  # --dtype auto on a CPU: bf16 only where the probe measures it this much faster
+
 FLAGS = dict(  # name: (default, help); each is the flag --name (underscores become dashes)
     out=("out", "output folder for every stage"),
     num_objects=(1, "objects per image: 1 (the demo's targets) or 2 (with a spatial relation between them)"),
@@ -60,9 +62,9 @@ FLAGS = dict(  # name: (default, help); each is the flag --name (underscores bec
                    "caption; 0.2 learns captions faster in the demo's budget and still models the images"),
     gpt_t2i_share=(0.667, "share of the BiART steps in text->image order (train_gpt.py --t2i-share): the paper's 0.5 "
                   "alternates; 2/3 gives drawing two steps in three, as captions are learned sooner"),
-    dtype=("auto", "autocast dtype of both training stages: float32, bfloat16, or auto = bfloat16 on a GPU that has it "
-          "or on a CPU with AMX / AVX512-BF16 instructions (AugVAE steps about 2x, BiART steps 1.6x faster "
-          "there), else float32"),
+    dtype=("auto", "autocast dtype of both training stages: float32, bfloat16, or auto = bfloat16 on a GPU that has it; "
+          "on a CPU, bfloat16 where a one-second probe (runtime.cpu_bf16_speedup) measures a bf16 training step "
+          f"over {BF16_MARGIN}x as fast as fp32, else float32; the choice and the figure go to results.json"),
     text_len=(None, "BiART text length in tokens incl. end-of-text (default: the longest training caption's + 3: "
                     "the end-of-text and 2 to spare)", int),
     eval_limit=(200, "test and held-out images evaluated in each direction"),
@@ -119,11 +121,8 @@ def main(argv: list | None = None) -> dict:
     if not 0 < cfg["gpt_t2i_share"] < 1:
         raise ValueError(f"--gpt-t2i-share must be between 0 and 1, got {cfg['gpt_t2i_share']}")
     sample.check_guidance(cfg["guidance"])
-    dtype = cfg["dtype"]
-    if dtype == "auto":
-        fast = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else runtime.cpu_has_fast_bf16()
-        dtype = "bfloat16" if fast else "float32"
-    elif dtype not in ("float32", "bfloat16"):
+    dtype, speedup = cfg["dtype"], None
+    if dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
     out = cfg["out"]
     demo = os.path.join(out, "demo")
@@ -134,6 +133,19 @@ def main(argv: list | None = None) -> dict:
 
     def log(msg):
         print(f"demo.py: {msg}", flush=True)
+
+    choice_path = os.path.join(demo, "dtype.json")  # a resumed demo keeps the dtype its first session chose
+    if dtype == "auto" and os.path.exists(choice_path):
+        with open(choice_path, encoding="utf-8") as f:
+            choice = json.load(f)
+        dtype, speedup = choice["dtype"], choice["bf16_speedup_measured"]
+    elif dtype == "auto" and torch.cuda.is_available():
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    elif dtype == "auto":  # measured here, not read off a cpuinfo flag; a margin for the noise of a 1 s probe
+        speedup = runtime.cpu_bf16_speedup()
+        dtype = "bfloat16" if speedup > BF16_MARGIN else "float32"
+        log(f"--dtype auto: a bf16 training step ran {speedup:.2f}x as fast as fp32 here, so {dtype}")
+        runtime.write_json(choice_path, {"dtype": dtype, "bf16_speedup_measured": speedup})
 
     def stage(name, fn):
         t0 = time.time()
@@ -211,7 +223,8 @@ def main(argv: list | None = None) -> dict:
         "num_objects": cfg["num_objects"],
         "stage_seconds": timings,
         "shapes": res,
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+        "machine": {**runtime.machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                    "dtype": dtype, "bf16_speedup_measured": speedup},
         "settings": {k: v for k, v in cfg.items() if k != "_given"},
     }
     runtime.write_json(os.path.join(demo, "results.json"), results)

@@ -12,9 +12,11 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -152,20 +154,53 @@ def start_processes(device: str) -> tuple:
     return ddp, rank, world, device
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (x86 AMX or AVX512-BF16, read from
-    /proc/cpuinfo), where bf16 autocast trains convolutions about 2x faster than fp32."""
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows of it."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict:
+    """What a measured figure needs beside it: CPU model, cores, threads, torch, device (and GPU)."""
+    m = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+         "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        m["gpu"] = torch.cuda.get_device_name(device)
+    return m
+
+
+def cpu_bf16_speedup(repeats: int = 3) -> float:
+    """Measured on this CPU, now: the time of a small fp32 training step over the same step's
+    under bf16 autocast (> 1: bf16 is faster here). The step holds the two kinds of work the CPU
+    demo trains: a 3x3 convolution at AugVAE's width and a transformer-sized linear layer at
+    BiART's (about 8 GFLOP, forward and backward). Best of `repeats` after one warm-up; about a
+    second in all. Decides --dtype auto on the CPU instead of a cpuinfo flag, which says what
+    instructions exist, not how fast this build of torch runs them."""
+    g = torch.Generator().manual_seed(0)
+    conv, lin = torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Linear(256, 1024)
+    x, y = torch.randn(16, 64, 32, 32, generator=g), torch.randn(2816, 256, generator=g)
+
+    def best(dtype) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = conv(x).float().square().mean() + lin(y).float().square().mean()
+            loss.backward()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+    return best(torch.float32) / best(torch.bfloat16)
 
 
 def autocast_context(device: torch.device, dtype: str) -> tuple:
     """-> (context, torch dtype, amp on?). 'auto': bf16 on a GPU that has it, else fp16 on CUDA;
-    fp32 on CPU. 'bfloat16' also autocasts on CPU (fast where cpu_has_fast_bf16()); fp16 is
+    fp32 on CPU. 'bfloat16' also autocasts on CPU (faster where cpu_bf16_speedup() > 1); fp16 is
     CUDA only and needs a GradScaler."""
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
@@ -195,6 +230,10 @@ def resume_settings(cfg: dict, kind: str) -> tuple:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     ckpt = load_checkpoint(path, kind)
+    missing = [k for k in ("train", "optimizer", "scaler", "rng", "step") if k not in ckpt]
+    if missing:  # e.g. a best.pt copied over ckpt.pt: weights without the state of a run
+        raise CheckpointError(f"{path} holds no training state ({', '.join(missing)} missing): --resume needs the "
+                              "ckpt.pt a run wrote; to start from these weights use --init")
     given = set(cfg["_given"]) - {"resume"}
     defaults = {k: v for k, v in cfg.items() if k != "_given"}
     return {**defaults, **ckpt["train"], **{k: cfg[k] for k in given}, "resume": True}, ckpt
@@ -247,20 +286,42 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, of another kind or of a newer format."""
 
 
-def load_weights(path) -> dict:
-    """torch.load a file of tensors safely (weights_only=True) with a one-line error."""
+def unreadable(path: str, e: BaseException, what: str) -> str:
+    """Why torch.load failed on `path`, in one line. A refused pickle (one that would run code:
+    weights_only) is 'not a loadable weights file'; an empty or cut-short file (a copy or a write
+    that did not finish) says so, where torch's own message would be an EOFError, "PytorchStreamReader
+    failed reading zip archive" or, on a truncated zip, OSError "[Errno 22] Invalid argument"."""
+    message = first_line(e)[:200]
+    if "weights only load failed" in message.lower():
+        return f"{path}: not a loadable weights file ({message})"
+    size = os.path.getsize(path)
+    if size == 0:
+        reason = "the file is empty (0 bytes)"
+    else:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format: a zip, its directory at the end
+        if zipped and not zipfile.is_zipfile(path):
+            reason = f"the file is truncated ({size:,} bytes and no zip directory at the end)"
+        else:
+            reason = f"the file is truncated or not a {what} ({message})"
+    return f"could not read {what} {path}: {reason}"
+
+
+def load_weights(path, what: str = "weights file") -> dict:
+    """torch.load a file of tensors safely (weights_only=True) with a one-line error naming the
+    file (`what`: the word for it there, 'checkpoint' for a training checkpoint)."""
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean "not loadable"
-        raise CheckpointError(f"{path}: not a loadable weights file ({first_line(e)[:200]})") from None
+        raise CheckpointError(unreadable(path, e, what)) from None
 
 
 def load_checkpoint(path, kind: str) -> dict:
     """Load a training checkpoint and check that it is a `kind` ('augvae', 'biart') one."""
-    ckpt = load_weights(path)
+    ckpt = load_weights(path, "checkpoint")
     if not isinstance(ckpt, dict) or "kind" not in ckpt or "config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no kind/config/model entries)")
     if ckpt["kind"] != kind:
@@ -297,7 +358,8 @@ def kept_checkpoint(path) -> str:
     if not os.path.exists(path):
         return f"no checkpoint was written yet ({path} does not exist)"
     try:
-        return f"the last good checkpoint is kept at {path} (step {int(load_weights(path).get('step', 0))})"
+        step = int(load_weights(path, "checkpoint").get("step", 0))
+        return f"the last good checkpoint is kept at {path} (step {step})"
     except CheckpointError as e:
         return f"the checkpoint at {path} is not loadable ({e})"
 
@@ -414,7 +476,6 @@ def restore_training(ckpt: dict, optimizer, scaler, rank: int) -> LoopState:
     if "lr" not in ckpt:  # written before checkpoints held the base rate: the last step's rate
         ckpt = {**ckpt, "lr": optimizer.param_groups[0]["lr"]}
     return LoopState(**{f.name: ckpt[f.name] for f in fields(LoopState)})
-
 
 
 def end_training(log, step: int, t0: float, ddp: bool) -> None:

@@ -28,25 +28,55 @@ def test_paper_parameter_counts_match_release():
     assert ml.quantizer.embed.shape == (8192, 256)
 
 
-def test_paper_token_grids():
-    cfg = augvae.preset("paper", hidden=32, num_res_blocks=1, z_channels=32, codebook_size=64)
+def _codebook_from_latents(m: AugVAE, x: torch.Tensor) -> list:
+    """Set the codebook to encoder outputs of `x` (so many codes are in use, as after the
+    data-driven init) and return each token level's pre-quantization vectors (B, D, h, w)."""
+    with torch.no_grad():
+        lat = m._latents(x)
+        zs = [m.quant_conv(lat[l], l) for l in m.cfg.token_levels]
+        g, per_level = torch.Generator().manual_seed(0), m.cfg.codebook_size // len(zs)
+        codes = []
+        for z in zs:  # the same number of codes from every level
+            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            codes.append(flat[torch.randperm(flat.shape[0], generator=g)[:per_level]])
+        codes = torch.cat(codes)
+        m.quantizer.embed[:len(codes)] = codes + 0.01 * torch.randn(codes.shape, generator=g)
+    return zs
+
+
+def _brute_force_codes(z: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    return torch.cdist(flat, embed.double()).argmin(1).reshape(z.shape[0], z.shape[2], z.shape[3])
+
+
+@pytest.mark.parametrize("single_level", [False, True])
+def test_paper_token_grids_are_nearest_codes_and_decode_as_the_forward(single_level):
+    """The paper's layout at a narrow width: ML gives 64, 32, 16, 8 grids (5,440 tokens) at 256 px,
+    SL one 32 x 32 grid; each token is the brute-force nearest code of its level's vector, and
+    decoding the tokens gives the training forward's reconstruction."""
+    torch.manual_seed(0)
+    cfg = augvae.preset("paper", hidden=16, num_res_blocks=1, z_channels=16, codebook_size=64, norm_groups=8,
+                        single_level=single_level)
     assert [cfg.grid(l) for l in range(4)] == [64, 32, 16, 8]
     m = AugVAE(cfg).eval()
     x = torch.rand(1, 3, 256, 256) * 2 - 1
-    grids = m.encode_levels(x)
-    assert [tuple(g.shape) for g in grids] == [(1, 64, 64), (1, 32, 32), (1, 16, 16), (1, 8, 8)]
-    assert sum(g.numel() for g in grids) == 5440
-    assert m.decode_levels(grids).shape == (1, 3, 256, 256)
-
-
-def test_paper_sl_encode_decode_on_cpu():
-    torch.manual_seed(0)
-    m = AugVAE(augvae.preset("paper", single_level=True)).eval()
-    x = torch.rand(1, 3, 256, 256) * 2 - 1
-    idx = m.encode(x)
-    assert idx.shape == (1, 32, 32) and idx.dtype == torch.long
-    assert 0 <= int(idx.min()) and int(idx.max()) < 8192
-    assert m.decode(idx).shape == (1, 3, 256, 256)
+    zs = _codebook_from_latents(m, x)
+    if single_level:
+        grids = [m.encode(x)]
+        assert tuple(grids[0].shape) == (1, 32, 32)
+        decoded = m.decode(grids[0])
+    else:
+        grids = m.encode_levels(x)
+        assert [tuple(g.shape) for g in grids] == [(1, 64, 64), (1, 32, 32), (1, 16, 16), (1, 8, 8)]
+        assert sum(g.numel() for g in grids) == 5440
+        decoded = m.decode_levels(grids)
+    for z, g in zip(zs, grids):
+        assert torch.equal(g, _brute_force_codes(z, m.quantizer.embed))
+        assert len(g.unique()) > 4  # a real check: several codes in use
+    with torch.no_grad():
+        recon = m(x)[0]
+    assert decoded.shape == (1, 3, 256, 256)
+    torch.testing.assert_close(decoded, recon, rtol=1e-4, atol=3e-4)  # the forward adds z + (z_q - z): rounding
 
 
 # -- the quantizer -----------------------------------------------------------------------------

@@ -3,6 +3,8 @@ it is measured against (no speed is asserted: that is what bench.py prints)."""
 
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import biart
+import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -86,18 +89,6 @@ def test_training_steps_run_and_learn(kind, dtype):
     assert losses[-2] < losses[0] and losses[-1] < losses[1]  # per direction (steps alternate)
 
 
-@pytest.mark.skipif(not os.environ.get("BENCH_TEST_COMPILE"),
-                    reason="torch.compile takes ~40 s on a 2-core CPU; set BENCH_TEST_COMPILE=1")
-def test_compiled_training_step_matches_eager():
-    config = tiny_config()
-    eager, _ = bench.make_trainer("ours", config, 2, "float32", torch.device("cpu"))
-    comp, _ = bench.make_trainer("ours", config, 2, "float32", torch.device("cpu"), compile_model=True)
-    for _ in range(3):
-        eager()
-        comp()
-    assert torch.allclose(torch.tensor(comp.state["losses"]), torch.tensor(eager.state["losses"]), atol=1e-4)
-
-
 def test_timed_sampling_steps_are_generates():
     """The cached and recompute steps bench.py times are generate's and generate_nocache's loop
     bodies: chained, they give the same tokens under one seed."""
@@ -152,24 +143,44 @@ def test_bench_captions_deterministic():
 
 
 def test_tokenizer_part_with_and_without_dropout():
-    """Row 5's measurement (what `tokenizer.py bench` printed): captions/s without and with
-    BPE-dropout 0.1, and the tokens per caption; dropout only ever splits words further."""
+    """Row 5's measurement: captions/s without and with BPE-dropout 0.1, and the mean words and
+    tokens per caption, each equal to what the test counts itself; dropout only splits words further."""
+    captions = bench.bench_captions(300)
+    tok = tokenizer.Tokenizer()
+    tokens = sum(len(tok.encode(c)) for c in captions) / 300
+    rng = random.Random(0)
+    tokens_drop = sum(len(tok.encode(c, dropout=0.1, rng=rng)) for c in captions) / 300
     plain = bench.tokenizer_part("cpu", "ours", 300, 2)
     drop = bench.tokenizer_part("cpu", "ours", 300, 2, dropout=0.1)
     for r in (plain, drop):
-        assert len(r["times"]) == 2 and r["captions_per_s"] > 0 and 8 <= r["words_per_caption"] <= 21
-    assert drop["tokens_per_caption"] > plain["tokens_per_caption"] >= plain["words_per_caption"]
+        assert len(r["times"]) == 2 and r["captions_per_s"] == pytest.approx(300 / statistics.median(r["times"]))
+        assert r["words_per_caption"] == pytest.approx(sum(len(c.split()) for c in captions) / 300)
+    assert plain["tokens_per_caption"] == pytest.approx(tokens)
+    assert drop["tokens_per_caption"] == pytest.approx(tokens_drop) and tokens_drop > tokens
     with pytest.raises(ValueError, match="no BPE-dropout"):
         bench.tokenizer_part("cpu", "clip", 10, 1, dropout=0.1)
 
 
+MEMORY_PROBE = """
+import torch, bench
+with bench.MemoryProbe(torch.device("cpu")) as probe, bench.LoadMeter() as load:
+    x = torch.ones(16 * 2 ** 20)  # 64 MiB, touched
+    del x
+print(probe.peak, load.others)
+"""
+
+
 def test_memory_probe_and_load_meter():
-    with bench.MemoryProbe(torch.device("cpu")) as probe, bench.LoadMeter() as load:
-        x = torch.ones(16 * 2 ** 20)  # 64 MiB, touched
-        del x
-    if os.path.exists("/proc/self/status"):
-        assert 60 * bench.MIB <= probe.peak <= 200 * bench.MIB, probe.peak
-        assert load.others is not None and load.others >= 0.0
+    """In a fresh process, as bench.py measures every part: a 64 MiB tensor is a 64 MiB peak, whether
+    or not this kernel lets VmHWM be reset (earlier tests' models are not in that process)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc/self/status: MemoryProbe reports None there")
+    r = subprocess.run([sys.executable, "-c", MEMORY_PROBE], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak, others = r.stdout.split()
+    assert 62 * bench.MIB <= int(peak) <= 80 * bench.MIB, peak
+    assert float(others) >= 0.0
 
 
 def test_e2e_row_reads_the_demo_results(tmp_path):
@@ -190,7 +201,8 @@ def test_every_row_runs_at_toy_sizes(tmp_path):
     assert j["quantizer_memory_ratio"] is None or j["quantizer_memory_ratio"] > 0
     assert j["quantizer_identical"] is True
     assert all(j[f"sampling_b{b}"]["identical_tokens"] is True for b in TINY["sample_batches"])
-    assert {r["row"] for r in j["table"]} == {"1", "1b", "1d", "2", "3", "4", "5", "5b", "6"}
+    assert {r["row"] for r in j["table"]} == {"1", "1b", "1d", "2", "3", "4", "5", "5b", "6", "7"}
+    assert set(j["demo_vae_ml_step_s"]) == {"float32", "bfloat16"} and len(j["bf16_probe"]) == 1
     for r in j["table"]:
         assert r["machine"] and r["settings"]
 

@@ -5,11 +5,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
+import demo
+import evaluate
+from conftest import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process evaluation matches the demo's 1 thread
 TOY = ["--ml-steps", "2", "--sl-steps", "2", "--gpt-steps", "2", "--train-size", "32", "--val-size", "8",
        "--eval-limit", "2", "--caption-candidates", "2", "--image-candidates", "2", "--ckpt-every", "1"]
 
@@ -19,16 +25,18 @@ def run(args, timeout=400):
                           capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def test_demo_runs_every_stage_then_resumes_as_a_no_op(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # both paths on every machine, not --dtype auto's pick
+def test_demo_runs_every_stage_then_resumes_as_a_no_op(dtype, tmp_path):
     out = tmp_path / "out"
-    r = run([*TOY, "--out", str(out)])
+    t0 = time.time()
+    r = run([*TOY, "--dtype", dtype, "--out", str(out)])
+    wall = time.time() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "demo" / "results.json").read_text())
-    for key in ("caption_exact_match", "image_exact_match"):
-        assert 0 <= res[key] <= 1
-        assert res[key] == res["shapes"]["test"]["i2t" if key.startswith("caption") else "t2i"]["self"]["exact"]
+    for stage in ("vae_ml", "vae_sl", "gpt"):  # every stage trained in the dtype asked for
+        assert json.loads((out / stage / "config.json").read_text())["train"]["dtype"] == dtype, stage
     assert set(res["stage_seconds"]) == {"vae_ml", "vae_sl", "prepare", "bpe", "gpt", "evaluate", "sample"}
-    assert abs(res["seconds"] - sum(res["stage_seconds"].values())) < 1e-6
+    assert all(t > 0 for t in res["stage_seconds"].values()) and res["seconds"] <= wall
     for path in ("vae_ml/best.pt", "vae_sl/best.pt", "tokens/train.npy", "bpe_shapes.txt.gz", "gpt/ckpt.pt",
                  "demo/t2i_grid.png", "demo/i2t_grid.png", "demo/results.jsonl", "demo/shapes.json"):
         assert (out / path).exists(), path
@@ -36,7 +44,22 @@ def test_demo_runs_every_stage_then_resumes_as_a_no_op(tmp_path):
     assert [row["direction"] for row in rows] == ["i2t"] * 4 + ["t2i"] * 4
     assert "caption exact match" in r.stdout
 
-    r = run([*TOY, "--out", str(out)])  # everything trained is kept; only evaluation runs again
+    # the figures are what evaluate.py gives on the demo's own models with the demo's settings
+    settings = res["settings"]
+    test = evaluate.main(["shapes", "--vae", str(out / "vae_sl" / "best.pt"), "--gpt", str(out / "gpt" / "ckpt.pt"),
+                          "--limit", "2", "--splits", "test", "--caption-candidates", "2", "--image-candidates", "2",
+                          "--temperature", str(settings["temperature"]), "--top-k", str(settings["top_k"]),
+                          "--guidance", str(settings["guidance"]), "--seed", str(settings["seed"]),
+                          "--json", str(tmp_path / "shapes.json")])["test"]
+    assert res["caption_exact_match"] == test["i2t"]["self"]["exact"]
+    assert res["image_exact_match"] == test["t2i"]["self"]["exact"]
+    for d in ("i2t", "t2i"):
+        assert res["shapes"]["test"][d]["none"] == test[d]["none"], d
+    shown = res["shapes"]["test"]["i2t"]["examples"]  # the sampled captions themselves: same models, seed, settings
+    assert shown == test["i2t"]["examples"] and len(shown) == 2 and any(e["caption"] for e in shown)
+    if dtype == "bfloat16":
+        return
+    r = run([*TOY, "--dtype", dtype, "--out", str(out)])  # everything trained is kept; only evaluation runs again
     assert r.returncode == 0, r.stderr[-3000:]
     for stage in ("vae_ml", "vae_sl", "gpt"):
         assert f"{stage}: already trained" in r.stdout
@@ -50,7 +73,12 @@ def test_demo_runs_every_stage_then_resumes_as_a_no_op(tmp_path):
     (["--gpt-t2i-share", "1"], "--gpt-t2i-share must be between 0 and 1, got 1.0"),
     (["--guidance", "-0.5"], "--guidance must be >= 0 (1: off), got -0.5"),
 ])
-def test_bad_flag_is_a_one_line_error(args, message, tmp_path):
-    r = run([*args, "--out", str(tmp_path)])
-    assert r.returncode == 2 and r.stderr.strip() == f"demo.py: error: {message}", r.stderr[-2000:]
+def test_bad_flag_is_a_one_line_error(args, message, tmp_path, capsys):
+    code, _, err = cli(lambda: demo.main([*args, "--out", str(tmp_path)]), capsys, "demo.py")
+    assert code == 2 and err.strip() == f"demo.py: error: {message}", err[-2000:]
     assert not (tmp_path / "vae_ml").exists()  # refused before any stage ran
+
+
+def test_bad_flag_from_the_shell(tmp_path):
+    r = run(["--num-objects", "3", "--out", str(tmp_path)])
+    assert r.returncode == 2 and r.stderr.strip() == "demo.py: error: --num-objects must be 1 or 2, got 3", r.stderr

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,7 +20,7 @@ import shapes
 import evaluate
 import metrics
 from conftest import save_tiny_vae
-from test_metrics import _parity_set
+from test_metrics import _parity_set, textbook_fid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -44,6 +45,24 @@ def one_line_error(result, needle):
 # -----------------------------------------------------------------------------------------
 # fid: both image sets blurred before the Inception
 
+@pytest.fixture(scope="module")
+def inception():
+    return metrics.load_inception("random", 75)  # the network INCEPTION_FAST names
+
+
+def _features(model, folder, radius):
+    """Inception features of the PNGs in `folder` blurred with `radius`, from the files here."""
+    paths = [folder / n for n in sorted(os.listdir(folder)) if n.endswith(".png") and n != "broken.png"]
+    x = torch.stack([metrics.inception_input(metrics.blur(Image.open(p).convert("RGB"), radius), 75) for p in paths])
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def _expected_fids(model, real, fake, radii):
+    """{str(k): textbook FID of the two folders' features at blur radius k}."""
+    return {str(r): textbook_fid(_features(model, real, r), _features(model, fake, r)) for r in radii}
+
+
 def _write_images(folder, indices, blur_radius=0):
     folder.mkdir(parents=True, exist_ok=True)
     for i in indices:
@@ -52,7 +71,7 @@ def _write_images(folder, indices, blur_radius=0):
     return folder
 
 
-def test_fid_blurs_both_sets(tmp_path, monkeypatch):
+def test_fid_blurs_both_sets(tmp_path, monkeypatch, inception):
     real, fake = _write_images(tmp_path / "real", range(3)), _write_images(tmp_path / "fake", range(3, 7))
     (fake / "broken.png").write_bytes(b"not a png")  # skipped and listed, not fatal
     seen, real_blur = [], metrics.blur
@@ -61,7 +80,8 @@ def test_fid_blurs_both_sets(tmp_path, monkeypatch):
                          "--json", str(tmp_path / "fid.json")])
     assert sorted(seen) == [0] * 7 + [2] * 7  # every readable image of BOTH sets, at each radius
     assert out["real"]["images"] == 3 and out["generated"]["images"] == 4 and out["generated"]["skipped"] == 1
-    assert set(out["fid"]) == {"0", "2"} and all(v > 0 for v in out["fid"].values())
+    monkeypatch.setattr(metrics, "blur", real_blur)
+    assert out["fid"] == pytest.approx(_expected_fids(inception, real, fake, (0, 2)), rel=1e-6)
     # the Inception input at radius k is the 8-bit image blurred with radius k, then resized
     ds = evaluate.BlurredImages([str(real / "000.png")], (0, 2), 75)
     views, ok, _ = ds[0]
@@ -79,7 +99,7 @@ def vaes(tmp_path_factory):
     return {kind: (save_tiny_vae(folder / f"{kind}.pt", kind == "sl"), str(folder / f"{kind}.pt")) for kind in ("sl", "ml")}
 
 
-def test_recon_cli(vaes, tmp_path):
+def test_recon_cli(vaes, tmp_path, inception):
     out = tmp_path / "recon.json"
     r = run(["recon", "--vae", vaes["sl"][1], "--limit", "5", "--batch-size", "2", *INCEPTION_FAST,
              "--json", str(out)], cwd=tmp_path)
@@ -88,7 +108,13 @@ def test_recon_cli(vaes, tmp_path):
     assert res["images"] == 5 and res["skipped"] == 0
     assert math.isfinite(res["psnr"]) and -1 <= res["ssim"] <= 1
     assert res["lpips"] is None and "absent" in r.stdout  # no LPIPS weights given
-    assert isinstance(res["rfid"], float) and res["rfid"] >= 0
+    # rFID: the 8-bit input images against the 8-bit reconstructions, in the CLI's batches of 2
+    x = torch.stack([data.ShapesDataset("test", 5, 32)[i] for i in range(5)])
+    unit_8bit = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round() / 255  # noqa: E731
+    with torch.no_grad():
+        recon = torch.cat([vaes["sl"][0].decode_levels(vaes["sl"][0].encode_levels(b)) for b in x.split(2)])
+        feats = [torch.cat([inception(unit_8bit(b)) for b in t.split(2)]).numpy() for t in (x, recon)]
+    assert res["rfid"] == pytest.approx(textbook_fid(*feats), rel=1e-6)
     assert res["codebook_usage"] == res["codes_used"] / 512 and 1 <= res["perplexity"] <= res["codes_used"]
 
 
@@ -126,17 +152,17 @@ def test_recon_lpips_from_weight_files(vaes, tmp_path):
 # -----------------------------------------------------------------------------------------
 # fid and caption-metrics from the command line, and the one-line errors
 
-def test_fid_cli_and_identical_sets(tmp_path):
+def test_fid_cli_and_identical_sets(tmp_path, inception):
     real, fake = _write_images(tmp_path / "a", range(4)), _write_images(tmp_path / "b", range(4, 8), blur_radius=1)
     r = run(["fid", str(real), str(fake), "--blur", "0,2", *INCEPTION_FAST, "--json", str(tmp_path / "f.json")],
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "f.json").read_text())
-    assert set(res["fid"]) == {"0", "2"} and all(math.isfinite(v) and v > 0 for v in res["fid"].values())
+    assert res["fid"] == pytest.approx(_expected_fids(inception, real, fake, (0, 2)), rel=1e-6)
     assert "k=0" in r.stdout and "k=2" in r.stdout
     same = evaluate.main(["fid", str(real), str(real), "--blur", "0,2", *INCEPTION_FAST,
                           "--json", str(tmp_path / "same.json")])
-    assert all(abs(v) < 1e-6 for v in same["fid"].values())
+    assert set(same["fid"]) == {"0", "2"} and all(abs(v) < 1e-6 for v in same["fid"].values())  # FIDs here: ~0.03-0.1
 
 
 def test_caption_metrics_cli_formats(tmp_path):
@@ -254,18 +280,25 @@ def test_captions_writes_candidates_and_scores_them(tiny_models, tmp_path):
     assert res["metrics"]["METEOR"] is None and "absent" in r.stdout
 
 
-def test_t2i_draws_and_scores_fid(tiny_models, tmp_path):
+def test_t2i_draws_and_scores_fid(tiny_models, tmp_path, inception):
     vae, gpt = tiny_models
     out = tmp_path / "t2i.json"
     r = run(["t2i", "--vae", vae, "--gpt", gpt, "--limit", "3", "--num-candidates", "2", "--blur", "0,2",
              *INCEPTION_FAST, "--out", str(tmp_path / "t2i"), "--json", str(out)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    assert res["images"] == 3 and set(res["fid"]) == {"0", "2"}
-    assert all(v >= 0 for v in res["fid"].values())
+    assert res["images"] == 3
     for sub in ("real", "generated"):
         files = sorted(os.listdir(tmp_path / "t2i" / sub))
         assert files == ["000000.png", "000001.png", "000002.png"]
         assert Image.open(tmp_path / "t2i" / sub / files[0]).size == (32, 32)
-    r = run(["t2i", "--vae", vae, "--gpt", gpt, "--limit", "3"], cwd=tmp_path)
-    assert r.returncode == 2 and "--inception" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # FID-k of the drawn images against the items' own images, both blurred, from the saved files
+    real = [shapes.shapes_example(i, "test", 32).image for i in range(3)]
+    assert [np.asarray(Image.open(tmp_path / "t2i" / "real" / f"{i:06d}.png")).tolist() for i in range(3)] == \
+        [a.tolist() for a in real]
+    expected = _expected_fids(inception, tmp_path / "t2i" / "real", tmp_path / "t2i" / "generated", (0, 2))
+    assert res["fid"] == pytest.approx(expected, rel=1e-6)
+    # without --inception it stops before sampling (the CLI's one-line form: test_one_line_errors)
+    with pytest.raises(ValueError, match="t2i needs --inception"):
+        evaluate.main(["t2i", "--vae", vae, "--gpt", gpt, "--limit", "3", "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()

@@ -27,6 +27,7 @@ import tokenizer
 import train_gpt
 import train_vae
 from conftest import save_tiny_vae
+from test_metrics import textbook_fid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -236,7 +237,11 @@ def test_image_metrics_by_hand():
     one_each = real[labels]  # one image per class, repeated: no diversity, far from each class's spread
     collapsed = metrics.fashion_image_metrics((labels + 1) % 10, one_each, labels, real, labels)
     assert collapsed["accuracy"] == 0 and collapsed["diversity"] == 0
-    assert all(m["diversity"] == 0 and m["fd"] > 1 for m in collapsed["per_class"].values())
+    assert collapsed["fd"] == pytest.approx(textbook_fid(real, one_each), rel=1e-9)
+    for c, m in enumerate(collapsed["per_class"].values()):  # drawn: one point, no covariance
+        r = real[labels == c].double()
+        assert m["diversity"] == 0
+        assert m["fd"] == pytest.approx(((r.mean(0) - real[c]) ** 2).sum() + r.var(0).sum(), rel=1e-9)  # |dmu|^2 + tr S
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +258,10 @@ def models(tokens, vae, tmp_path_factory):
     return vae[1], str(folder / "gpt" / "ckpt.pt")
 
 
-def test_evaluate_fashion_end_to_end(models, fashion_root, tmp_path, capsys):
+def test_evaluate_fashion_end_to_end(models, fashion_root, tmp_path, capsys, monkeypatch):
     vae, gpt = models
+    judged, image_metrics = [], metrics.fashion_image_metrics  # the features the drawn images are judged by
+    monkeypatch.setattr(metrics, "fashion_image_metrics", lambda *a: judged.append(a) or image_metrics(*a))
     args = ["fashion", "--vae", vae, "--gpt", gpt, "--fashion-root", str(fashion_root), "--classifier",
             str(tmp_path / "clf.pt"), "--classifier-epochs", "2", "--limit", "12", "--per-class", "3",
             "--caption-candidates", "2", "--image-candidates", "2", "--grid-columns", "2",
@@ -268,7 +275,7 @@ def test_evaluate_fashion_end_to_end(models, fashion_root, tmp_path, capsys):
     model = metrics.FashionClassifier(ckpt["config"]["width"], ckpt["config"]["features"])
     model.load_state_dict(ckpt["model"])
     test_pixels, test_labels = data.read_fashion_mnist(str(fashion_root), "test")
-    preds, _ = metrics.classify(model, metrics.fashion_batch(test_pixels))
+    preds, real_feats = metrics.classify(model, metrics.fashion_batch(test_pixels))
     assert clf["trained_now"] and clf["test_accuracy"] == float((preds.numpy() == test_labels).mean())
     assert clf["void"] == (clf["test_accuracy"] < 0.9) and clf["void"] == ("VOID" in stdout)
 
@@ -283,11 +290,16 @@ def test_evaluate_fashion_end_to_end(models, fashion_root, tmp_path, capsys):
     t2i = res["t2i"]
     assert t2i["captions"] == sorted(data.fashion_caption(c, t) for c in range(10)
                                      for t in data.FASHION_HELDOUT_TEMPLATES[:3])  # 3 per class, held-out only
-    for r in ("none", "self"):
+    for r, (_, feats, classes, real_judged, real_labels) in zip(("none", "self"), judged):
         m = t2i[r]
         assert list(m["per_class"]) == list(data.FASHION_CLASSES)
         assert m["accuracy"] == pytest.approx(np.mean([p["accuracy"] for p in m["per_class"].values()]))
-        assert m["fd"] >= 0 and m["diversity"] >= 0
+        # the Frechet distance: the drawn images' features against those of the real test images
+        assert torch.allclose(real_judged, real_feats, atol=1e-6) and np.array_equal(real_labels, test_labels)
+        assert np.bincount(classes, minlength=10).tolist() == [3] * 10 and m["diversity"] >= 0
+        assert m["fd"] == pytest.approx(textbook_fid(real_feats, feats), rel=1e-6)
+        for c, p in enumerate(m["per_class"].values()):
+            assert p["fd"] == pytest.approx(textbook_fid(real_feats[test_labels == c], feats[classes == c]), rel=1e-6)
         assert all(round(p["accuracy"] * 3) == p["accuracy"] * 3 for p in m["per_class"].values())  # k of 3
     for name in ("t2i_self.png", "t2i_none.png", "real.png"):  # one row per class, 2 columns
         assert Image.open(tmp_path / "eval" / name).size == (2 + 2 * 34, 2 + 10 * 34)
@@ -311,4 +323,12 @@ def test_evaluate_fashion_end_to_end(models, fashion_root, tmp_path, capsys):
 def test_recon_reads_the_fashion_test_images(vae, fashion_root, tmp_path):
     res = evaluate.main(["recon", "--vae", vae[1], "--source", "fashion-mnist", "--fashion-root", str(fashion_root),
                          "--limit", "5", "--json", str(tmp_path / "recon.json")])
-    assert res["images"] == 5 and res["psnr"] > 0
+    assert res["images"] == 5
+    # PSNR of the first 5 test images (inverted, padded to 32 px, in [-1, 1]: peak-to-peak 2)
+    pixels = fake_fashion(N_TEST, 1)[0][:5]
+    x = torch.from_numpy(np.pad(255 - pixels, ((0, 0), (2, 2), (2, 2)), constant_values=255)).float() / 127.5 - 1
+    x = x[:, None].expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        recon = vae[0].decode_levels(vae[0].encode_levels(x)).clamp(-1, 1)
+    mse = ((recon - x) ** 2).flatten(1).mean(1).double()
+    assert res["psnr"] == pytest.approx((10 * torch.log10(4 / mse)).mean().item(), rel=1e-5)

@@ -307,7 +307,7 @@ def test_ddp_rank_whose_shard_is_all_corrupt_images_completes(tmp_path):
             Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"val/{i}.png")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-           os.path.join(ROOT, "tests", "ddp_train_vae.py"), "--ml", "--data", str(root), "--image-size", "32",
+           os.path.join(ROOT, "tests", "ddp_train.py"), "train_vae", "--ml", "--data", str(root), "--image-size", "32",
            "--batch-size", str(batch), "--grid-images", "2", "--max-steps", str(steps), "--eval-every", "2",
            "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
@@ -485,4 +485,155 @@ def test_newer_or_wrong_checkpoint_is_a_one_line_error(world, tmp_path):
              f"{world['gpt']}: is a 'biart' checkpoint, expected 'augvae'")]
     for (name, args, message), r in zip(runs, run_many([(n, a, tmp_path) for n, a, _ in runs])):
         assert message in error_line(r, name), (name, args)
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------------------
+# corrupt state: a cut-short checkpoint, a damaged token folder
+
+def cut(path, keep: str) -> None:
+    """Cut a file short as a copy or a write that did not finish would: to half its size or to 0 bytes."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[:len(blob) // 2] if keep == "half" else b"")
+
+
+def snapshot(folder) -> dict:
+    """Every file in `folder`: (bytes, modification time): to show a failed run touched none of them."""
+    return {os.path.relpath(os.path.join(d, f), folder): (runtime.sha256_file(os.path.join(d, f)),
+                                                          os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def cut_message(path, keep: str) -> str:
+    return f"could not read checkpoint {path}: " + ("the file is empty (0 bytes)" if keep == "empty"
+                                                    else "the file is truncated (")
+
+
+MAINS = {"train_vae.py": train_vae.main, "train_gpt.py": train_gpt.main}
+
+
+@pytest.mark.parametrize("keep", ["half", "empty"])
+@pytest.mark.parametrize("name, how", [("train_vae.py", "resume"), ("train_vae.py", "init"),
+                                       ("train_gpt.py", "resume"), ("train_gpt.py", "init")])
+def test_cut_short_checkpoint_is_named_and_the_run_folder_is_untouched(name, how, keep, world, tmp_path):
+    """--resume from a cut-short OUT/ckpt.pt, or --init from one, into a folder holding a good
+    run (ckpt.pt, and best.pt for train_vae.py): a CheckpointError naming the file and what is
+    wrong with it, and not one file of the folder rewritten, the cut ckpt.pt included."""
+    run = tmp_path / "run"
+    shutil.copytree(world[name], run)
+    if how == "resume":
+        path = run / "ckpt.pt"
+        args = ["--resume", "--out", str(run)]
+    else:
+        path = tmp_path / "init.pt"
+        shutil.copy(run / "ckpt.pt", path)  # train_vae.py's is an ML one, as --sl --init needs
+        data_args = ["--sl", *TINY_VAE] if name == "train_vae.py" else gpt_data(world)
+        args = [*data_args, "--init", str(path), "--max-steps", "2", "--device", "cpu", "--out", str(run)]
+    cut(path, keep)
+    assert name == "train_gpt.py" or (run / "best.pt").exists()
+    before = snapshot(run)
+    with pytest.raises(runtime.CheckpointError) as e:
+        MAINS[name](args)
+    assert str(e.value).startswith(cut_message(path, keep)), str(e.value)
+    assert snapshot(run) == before
+
+
+def test_resume_from_weights_without_training_state_is_refused(world, tmp_path):
+    """A best.pt (weights only) copied over ckpt.pt, then --resume: one error naming the file and
+    saying --init is the way to start from weights, the folder untouched (was: KeyError 'train')."""
+    run = tmp_path / "run"
+    shutil.copytree(world["train_vae.py"], run)
+    shutil.copy(run / "best.pt", run / "ckpt.pt")
+    before = snapshot(run)
+    with pytest.raises(runtime.CheckpointError, match=r"ckpt.pt holds no training state .*use --init"):
+        train_vae.main(["--resume", "--out", str(run)])
+    assert snapshot(run) == before
+
+
+@pytest.fixture
+def resumable(world, tmp_path):
+    """A copy of the tokens folder to damage and of the BiART run that used it, resumed with
+    --tokens COPY. -> (tokens copy, run folder, argv)."""
+    tokens, run = tmp_path / "tokens", tmp_path / "run"
+    shutil.copytree(world["tokens"], tokens)
+    shutil.copytree(world["train_gpt.py"], run)
+    return tokens, run, ["--resume", "--out", str(run), "--tokens", str(tokens), "--max-steps", "4"]
+
+
+def with_id(path, value: int, index=(5, 3)) -> None:
+    a = np.load(path)
+    a[index] = value
+    np.save(path, a)
+
+
+DAMAGE = {  # how the tokens folder is damaged -> (file, start of the message)
+    "train.npy half": ("train.npy", "could not read {path}: the file is truncated ("),
+    "val.npy empty": ("val.npy", "could not read {path}: the file is empty (0 bytes)"),
+    "meta.json half": ("meta.json", "could not read {path}: not valid JSON ("),
+    "meta.json invalid": ("meta.json", "{path}: not a prepare.py meta.json ('codebook_size' is '512', expected a "
+                                       "positive integer)"),
+    "train.jsonl half": ("train.jsonl", "could not read {path}:"),
+    "train.npy id": ("train.npy", "{path}: image 5 holds token id 512, outside the codebook [0, 512)"),
+    "val.npy id": ("val.npy", "{path}: image 5 holds token id 65535, outside the codebook [0, 512)"),
+    "train_crops.npy id": ("train_crops.npy", "{path}: image 5 holds token id 513, outside the codebook [0, 512)"),
+}
+
+
+def damage(tokens, case: str) -> str:
+    path = str(tokens / DAMAGE[case][0])
+    if case.endswith(("half", "empty")):
+        cut(path, case.split()[1])
+    elif case == "meta.json invalid":
+        meta = json.loads((tokens / "meta.json").read_text())
+        meta["codebook_size"] = str(meta["codebook_size"])
+        (tokens / "meta.json").write_text(json.dumps(meta))
+    elif case == "train_crops.npy id":  # the tiny folder has no crops: one crop per image, its centre view
+        crops = np.load(tokens / "train.npy")[:, None, :].copy()
+        crops[5, 0, 3] = 513
+        np.save(path, crops)
+    else:
+        with_id(path, 512 if case.startswith("train") else 65535)
+    return path
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_token_folder_is_named_and_the_run_folder_is_untouched(case, resumable):
+    """A resumed train_gpt.py over a token folder with a cut-short array, meta.json or .jsonl, or a
+    token id outside the codebook: a ValueError naming the file, before anything is written."""
+    tokens, run, args = resumable
+    path = damage(tokens, case)
+    before = snapshot(run)
+    with pytest.raises(ValueError) as e:
+        train_gpt.main(args)
+    assert str(e.value).startswith(DAMAGE[case][1].format(path=path)), str(e.value)
+    assert snapshot(run) == before
+
+
+def test_corrupt_state_is_one_line_on_the_command_line(world, tmp_path):
+    """As the user sees it: `NAME: error: <the message>` alone on stderr, exit status 2, no
+    traceback, and the run folder as it was."""
+    gpt_run, vae_run, tokens = tmp_path / "gpt_run", tmp_path / "vae_run", tmp_path / "tokens"
+    shutil.copytree(world["train_gpt.py"], gpt_run)
+    shutil.copytree(world["train_vae.py"], vae_run)
+    shutil.copytree(world["tokens"], tokens)
+    half_gpt, empty_vae = tmp_path / "half_gpt.pt", tmp_path / "empty_vae.pt"
+    shutil.copy(world["gpt"], half_gpt)
+    cut(half_gpt, "half")
+    empty_vae.write_bytes(b"")
+    cut(gpt_run / "ckpt.pt", "half")
+    with_id(tokens / "train.npy", 600)
+    text = ["--text", "A red circle.", "--out", tmp_path / "out"]
+    runs = [("train_gpt.py", ["--resume", "--out", gpt_run], cut_message(gpt_run / "ckpt.pt", "half")),
+            ("train_vae.py", ["--sl", "--init", empty_vae, "--out", vae_run], cut_message(empty_vae, "empty")),
+            ("sample.py", ["--vae", world["vae"], "--gpt", half_gpt, *text], cut_message(half_gpt, "half")),
+            ("sample.py", ["--vae", empty_vae, "--gpt", world["gpt"], *text], cut_message(empty_vae, "empty")),
+            ("train_gpt.py", [*gpt_data(world), "--tokens", tokens, "--out", gpt_run],
+             f"{tokens / 'train.npy'}: image 5 holds token id 600, outside the codebook [0, 512)")]
+    before = {folder: snapshot(folder) for folder in (gpt_run, vae_run)}
+    for (name, args, message), r in zip(runs, run_many([(n, a, tmp_path) for n, a, _ in runs])):
+        assert error_line(r, name).startswith(f"{name}: error: {message}"), (name, args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr + r.stdout, (name, args)
+    assert {folder: snapshot(folder) for folder in before} == before
     assert not (tmp_path / "out").exists()

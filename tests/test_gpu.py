@@ -183,7 +183,7 @@ def torchrun(script: str, args: list, procs: int) -> None:
 
 
 def same_ranks(folder, world: int) -> str:
-    """With two processes, rank0.pt and rank1.pt (tests/ddp_train_*.py) must be bit-identical."""
+    """With two processes, rank0.pt and rank1.pt (tests/ddp_train.py) must be bit-identical."""
     if world < 2:
         return "one process (one GPU): NCCL DDP ran with world size 1"
     a = torch.load(os.path.join(folder, "rank0.pt"), map_location="cpu", weights_only=True)
@@ -201,7 +201,7 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vae_ml(work, world):
     out = work / "vae_ml"
-    torchrun("tests/ddp_train_vae.py", ["--ml", *VAE_ARGS, "--max-steps", "4", "--eval-every", "2",
+    torchrun("tests/ddp_train.py", ["train_vae", "--ml", *VAE_ARGS, "--max-steps", "4", "--eval-every", "2",
                                         "--dtype", "bfloat16", "--out", str(out)], world)
     return out
 
@@ -209,7 +209,7 @@ def vae_ml(work, world):
 @pytest.fixture(scope="module")
 def vae_sl(work, world, vae_ml):
     out = work / "vae_sl"
-    torchrun("tests/ddp_train_vae.py", ["--sl", "--init", str(vae_ml / "best.pt"), *VAE_ARGS,
+    torchrun("tests/ddp_train.py", ["train_vae", "--sl", "--init", str(vae_ml / "best.pt"), *VAE_ARGS,
                                         "--max-steps", "2", "--dtype", "float16", "--out", str(out)], world)
     return out
 
@@ -255,8 +255,8 @@ def test_tokenizer_train(bpe):
 
 def test_train_gpt_under_torchrun_bf16(work, world, tokens, bpe):
     out = work / "gpt"
-    torchrun("tests/ddp_train_gpt.py", [
-        "--tokens", str(tokens), "--bpe", str(bpe), "--n-layer", "2", "--n-embd", "64", "--n-head", "2",
+    torchrun("tests/ddp_train.py", [
+        "train_gpt", "--tokens", str(tokens), "--bpe", str(bpe), "--n-layer", "2", "--n-embd", "64", "--n-head", "2",
         "--batch-size", "4", "--eval-images", "8", "--log-every", "1", "--max-steps", "4", "--eval-every", "2",
         "--dtype", "bfloat16", *DEV_FLAG, "--out", str(out)], world)
     print(same_ranks(out, world))

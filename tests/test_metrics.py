@@ -1,11 +1,15 @@
 """metrics.py: caption metrics on hand-computed cases and against the COCO toolkit (pycocoevalcap,
-when it and java are installed), PTB tokenization on cases measured with the toolkit's jar, FID
-against closed forms and scipy, SSIM, the FID-k blur and the FID Inception's layout."""
+when it and java are installed), the input handed to its METEOR and SPICE jars, PTB tokenization
+on cases measured with the toolkit's jar, Gaussian statistics by hand, FID against closed forms,
+a textbook computation (textbook_fid, also used by test_evaluate.py and test_fashion.py) and
+scipy, SSIM, the FID-k blur and the FID Inception's layout."""
 
+import importlib.util
 import math
-import os
 import random
 import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -130,12 +134,13 @@ def test_caption_metrics_keys_and_absent_java_metrics(monkeypatch):
         metrics.caption_metrics({"9": "a dog"}, refs, java=False)
 
 
-def _toolkit_available():
-    try:
-        from pycocoevalcap.bleu.bleu import Bleu  # noqa: F401
-    except ImportError:
-        return False
-    return shutil.which("java") is not None
+def _toolkit_missing():
+    """Why the COCO toolkit parity check cannot run here, or None."""
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        return "needs pycocoevalcap (requirements-dev.txt)"
+    if shutil.which("java") is None:
+        return "needs java on PATH for the PTB tokenizer jar"
+    return None
 
 
 def _parity_set(n=150, seed=0):
@@ -157,7 +162,7 @@ def _parity_set(n=150, seed=0):
     return cands, refs
 
 
-@pytest.mark.skipif(not _toolkit_available(), reason="needs pycocoevalcap and java")
+@pytest.mark.skipif(_toolkit_missing() is not None, reason=str(_toolkit_missing()))
 def test_matches_pycocoevalcap():
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -178,31 +183,72 @@ def test_matches_pycocoevalcap():
         assert got[k] == pytest.approx(float(v), abs=1e-9), k
 
 
-@pytest.mark.skipif(not (_toolkit_available() and os.environ.get("EVAL_TEST_METEOR")),
-                    reason="needs pycocoevalcap and java; METEOR loads for ~20 s, so set EVAL_TEST_METEOR=1")
-def test_meteor_matches_pycocoevalcap():
-    from pycocoevalcap.meteor.meteor import Meteor
-    cands, refs = _parity_set(30, seed=1)
-    flat = iter(metrics.ptb_tokenize_lines([c for v in refs.values() for c in v]))  # one file, as the toolkit
-    gts = {k: [" ".join(next(flat)) for _ in v] for k, v in refs.items()}
-    res = {k: [" ".join(t)] for k, t in zip(refs, metrics.ptb_tokenize_lines(list(cands.values())))}
-    meteor = Meteor()
-    expected = meteor.compute_score(gts, res)[0]
-    del meteor
+def test_java_metrics_get_the_toolkits_input(monkeypatch):
+    # METEOR and SPICE are pycocoevalcap's own jars (METEOR's takes ~20 s to start, so none
+    # is made here); our part is what we hand them: the toolkit's format, {id: [PTB-tokenized
+    # references]} and {id: [the one tokenized candidate]}, for the scored ids only, and each
+    # score under its own name. Stand-ins with the scorers' interface record the input.
+    seen = {}
+
+    def scorer(name, score):
+        class Scorer:
+            def compute_score(self, gts, res):  # the checks pycocoevalcap's Meteor makes itself
+                assert gts.keys() == res.keys() and all(len(v) == 1 for v in res.values())
+                seen[name] = (gts, res)
+                return score, [score] * len(gts)
+        module = types.ModuleType(f"pycocoevalcap.{name.lower()}.{name.lower()}")
+        setattr(module, name.capitalize(), Scorer)
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        return Scorer
+
+    scorer("METEOR", 0.25)
+    spice = scorer("SPICE", 0.125)
+    monkeypatch.setattr(metrics, "java_metric_status", lambda: {"METEOR": None, "SPICE": None})
+    cands = {"b": "A Dog's toy.", "a": "Two cats (sleeping)!"}
+    refs = {"a": ["Two cats, asleep.", "CATS isn't it"], "c": ["unused"], "b": ["The dog's bone.", "a dog"]}
     got = metrics.caption_metrics(cands, refs, java=True)
-    assert got["METEOR"] == pytest.approx(expected, abs=1e-9)
+    assert (got["METEOR"], got["SPICE"]) == (0.25, 0.125) and type(got["METEOR"]) is float
+    gts = {"a": ["two cats asleep", "cats is n't it"], "b": ["the dog 's bone", "a dog"]}
+    res = {"a": ["two cats -lrb- sleeping -rrb-"], "b": ["a dog 's toy"]}
+    assert seen["METEOR"] == seen["SPICE"] == (gts, res)
+    # a failing jar is one clear error that names the way around it
+    monkeypatch.setattr(spice, "compute_score", lambda self, g, r: (_ for _ in ()).throw(OSError("java died")))
+    with pytest.raises(OSError, match=r"SPICE \(pycocoevalcap, java\) failed: java died; --no-java skips"):
+        metrics.caption_metrics(cands, refs, java=True)
 
 
 # -----------------------------------------------------------------------------------------
 # the Frechet distance
 
-def test_gaussian_stats_is_np_cov():
-    f = np.random.default_rng(0).random((50, 7), dtype=np.float32)
+def test_gaussian_stats_by_hand():
+    # 4 samples of 3 features: mean (2, 3, 4) plus deviations whose products sum to known integers
+    dev = np.array([[-1, -3, 1], [1, -1, 1], [-1, 1, -1], [1, 3, -1]])
+    f = (np.array([2, 3, 4]) + dev).astype(np.float32)  # exact in float32
     mu, sigma = metrics.gaussian_stats(f)
     assert mu.dtype == np.float64 and sigma.dtype == np.float64
-    np.testing.assert_allclose(sigma, np.cov(f.astype(np.float64), rowvar=False), rtol=1e-12)
+    assert mu.tolist() == [2, 3, 4]
+    # sums of products [[4, 4, 0], [4, 20, -8], [0, -8, 4]] over N - 1 = 3 (unbiased), in float64
+    np.testing.assert_allclose(sigma, np.array([[4, 4, 0], [4, 20, -8], [0, -8, 4]]) / 3, rtol=1e-15, atol=0)
     with pytest.raises(ValueError):
         metrics.gaussian_stats(f[:1])
+
+
+def textbook_fid(f1, f2) -> float:
+    """FID of two (N, D) feature sets by the textbook formula, independent of metrics.py:
+    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)), the covariances summed by hand over
+    N - 1, tr(sqrtm) as the sum of the square roots of the eigenvalues of the product S1 S2
+    (np.linalg.eig). Computed in an orthonormal basis of the span of both sets' centred features
+    and the mean difference, which holds everything the formula sees (a rotation changes no
+    term), so D = 2048 with a few images costs a small eigenproblem."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    x1, x2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    q = np.linalg.qr(np.concatenate([x1, x2, (f1.mean(0) - f2.mean(0))[None]]).T)[0]
+    p1, p2 = f1 @ q, f2 @ q
+    c1, c2 = p1 - p1.mean(0), p2 - p2.mean(0)
+    s1, s2 = c1.T @ c1 / (len(p1) - 1), c2.T @ c2 / (len(p2) - 1)
+    diff = p1.mean(0) - p2.mean(0)
+    root = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * root)
 
 
 def test_fid_of_identical_sets_is_zero():
@@ -254,7 +300,7 @@ def test_frechet_retries_with_eps_when_the_root_fails(monkeypatch):
 
 
 def test_frechet_matches_scipy_sqrtm():
-    linalg = pytest.importorskip("scipy.linalg")
+    from scipy import linalg  # a test-only dependency (requirements-dev.txt)
 
     def pytorch_fid_formula(mu1, s1, mu2, s2, eps=1e-6):  # pytorch-fid's calculate_frechet_distance
         covmean = linalg.sqrtm(s1.dot(s2))
@@ -367,10 +413,15 @@ def test_inception_at_299():
 
 
 def test_inception_matches_pytorch_fid():
+    # the forward pass (branch order, pools, padding, the resize to 299) against the reference
+    # implementation: the same random weights must give pytorch-fid's pool3 features. The
+    # layout (key names and shapes of its weights file) is checked above without it.
     try:
         import pytorch_fid.inception as pfi
     except (ImportError, RuntimeError):  # RuntimeError: a torchvision built for another torch
-        pytest.skip("needs pytorch-fid and torchvision")
+        pytest.skip("needs pytorch-fid and a torchvision built for this torch, which cannot be installed beside "
+                    "the pinned CPU torch (PyPI's torchvision fails to import beside torch 2.13.0+cpu); it would "
+                    "check that InceptionV3FID gives pytorch-fid's InceptionV3 pool3 features for the same weights")
     ours = metrics.load_inception("random", 75)
     state = ours.state_dict()
     original = pfi.load_state_dict_from_url

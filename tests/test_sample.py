@@ -15,9 +15,10 @@ from PIL import Image
 
 import biart
 import data
-import shapes
 import sample
-from conftest import save_tiny_vae
+import shapes
+import tokenizer
+from conftest import cli, save_tiny_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -119,13 +120,14 @@ def test_exif_rotation_and_modes_reach_the_same_view(trained, tmp_path):
         assert v.mode == "RGB" and v.size == (32, 32)
 
 
-def test_single_bad_image_is_a_one_line_error(trained, tmp_path):
+def test_single_bad_image_is_a_one_line_error(trained, tmp_path, capsys):
     bad = write_bad_files(tmp_path)
     for name in [*bad, "missing.jpg"]:
-        r = run([*models(trained), "--image", str(tmp_path / name), "--out", str(tmp_path / "out")])
-        assert r.returncode == 2, (name, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("sample.py: error:") and name in lines[0], r.stderr
+        argv = [*models(trained), "--image", str(tmp_path / name), "--out", str(tmp_path / "out")]
+        code, _, err = cli(lambda: sample.main(argv), capsys, "sample.py")
+        assert code == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sample.py: error:") and name in lines[0], err
 
 
 # --- text -> image ---------------------------------------------------------------------------
@@ -198,17 +200,20 @@ def test_self_rerank_scores_are_the_other_directions_likelihood(trained):
 
 
 class TinyClip(torch.nn.Module):
-    """A CLIP-shaped TorchScript model: encode_image, encode_text, input_resolution."""
+    """A CLIP-shaped TorchScript model: encode_image, encode_text, input_resolution. Every image
+    embeds to one fixed direction (its pixels pass through with weight 0), so a caption's CLIP
+    score can be computed in the test from the token embeddings alone."""
 
     def __init__(self):
         super().__init__()
         self.register_buffer("input_resolution", torch.tensor(16))
+        self.register_buffer("direction", torch.randn(8))
         self.visual = torch.nn.Linear(3 * 16 * 16, 8)
         self.token_embedding = torch.nn.Embedding(49408, 8)
 
     @torch.jit.export
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual(x.flatten(1))
+        return 0 * self.visual(x.flatten(1)) + self.direction
 
     @torch.jit.export
     def encode_text(self, t: torch.Tensor) -> torch.Tensor:
@@ -227,8 +232,16 @@ def test_clip_rerank_with_a_torchscript_file(trained, tmp_path):
     r = run([*models(trained), "--image", str(tmp_path / "p" / "b.png"), "--rerank", "clip",
              "--clip-model", str(clip_path), "--num-candidates", "4", "--out", str(out)])
     assert r.returncode == 0, r.stderr
-    scores = [c["score"] for c in results(out)[0]["candidates"]]
-    assert all(-100 <= sc <= 100 for sc in scores) and scores == sorted(scores, reverse=True)
+    clip, tok = TinyClip(), tokenizer.Tokenizer()
+    clip.load_state_dict(torch.jit.load(str(clip_path)).state_dict())
+    cands = results(out)[0]["candidates"]
+    for c in cands:  # 100 x cosine of the embeddings; text: [SOT] ids [EOT], zero-padded to 77
+        ids = [tok.sot_id] + tok.encode(c["caption"]) + [tok.eot_id]
+        text = clip.token_embedding(torch.tensor(ids + [0] * (77 - len(ids)))).sum(0)
+        want = 100 * torch.nn.functional.cosine_similarity(text, clip.direction, dim=0).item()
+        assert abs(c["score"] - want) < 1e-3, (c, want)
+    scores = [c["score"] for c in cands]
+    assert len(set(scores)) > 1 and scores == sorted(scores, reverse=True)
     r = run([*models(trained), "--text", "A red circle.", "--rerank", "clip", "--clip-model", str(clip_path),
              "--num-candidates", "3", "--out", str(out)])
     assert r.returncode == 0, r.stderr
@@ -256,7 +269,7 @@ def other_vae(tmp_path_factory):
     ("bad_guidance", "--guidance must be >= 0"),
     ("missing_gpt", "no such file"),
 ])
-def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_path):
+def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_path, capsys):
     vae, gpt = trained
     args = {
         "vae_as_gpt": ["--vae", vae, "--gpt", vae, "--text", "a red circle."],
@@ -269,10 +282,10 @@ def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_p
         "bad_guidance": [*models(trained), "--text", "a red circle.", "--guidance", "nan"],
         "missing_gpt": ["--vae", vae, "--gpt", str(tmp_path / "nope.pt"), "--text", "a red circle."],
     }[case]
-    r = run([*args, "--out", str(tmp_path / "out")])
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], r.stderr
+    code, _, err = cli(lambda: sample.main([*args, "--out", str(tmp_path / "out")]), capsys, "sample.py")
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error: ") and message in lines[0], err
 
 
 def test_help_explains_every_flag():

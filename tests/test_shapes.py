@@ -15,6 +15,7 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import shapes  # noqa: E402
+from conftest import cli  # noqa: E402
 
 
 def truth_of(e):
@@ -301,11 +302,11 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_export_then_image_folder(tmp_path):
+def test_cli_export_then_image_folder(tmp_path, capsys):
     out = tmp_path / "export"
-    r = run_cli("export", "--out", str(out), "--split", "val", "--count", "6", "--num-objects", "2",
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    code, _, err = cli(lambda: shapes.main(["export", "--out", str(out), "--split", "val", "--count", "6",
+                                            "--num-objects", "2"]), capsys)
+    assert code == 0, err
     lines = [json.loads(s) for s in (out / "captions.jsonl").read_text().splitlines()]
     assert len(lines) == 6
     for i, rec in enumerate(lines):
@@ -315,8 +316,8 @@ def test_cli_export_then_image_folder(tmp_path):
     ds = data.ImageFolder(out, 64, train=False)
     first = data.to_tensor(Image.fromarray(shapes.shapes_example(0, "val", 64, 2).image))
     assert len(ds) == 6 and torch.equal(ds[0], first)
-    r = run_cli("export", "--out", str(out), "--count", "2", cwd=tmp_path)  # not empty now
-    assert r.returncode == 2 and "not empty" in r.stderr
+    code, _, err = cli(lambda: shapes.main(["export", "--out", str(out), "--count", "2"]), capsys)  # not empty now
+    assert code == 2 and "not empty" in err
 
 
 def test_cli_show_and_bad_input(tmp_path, capsys, monkeypatch):

@@ -12,7 +12,9 @@ import torch
 import biart
 import runtime
 import tokenizer
-from conftest import kill_points
+import train_gpt
+from conftest import cli, kill_points
+from ddp_launch import kill_launch_when_logged, launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -159,20 +161,55 @@ def test_kill_and_resume_equals_uninterrupted_run(setup, full_run, where, tmp_pa
     assert tail and all(t in log.read_text() for t in tail)
 
 
-def test_two_process_ddp_keeps_ranks_identical(setup, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "tests", "ddp_train_gpt.py"), *base(setup), "--dropout", "0.1",
-           "--max-steps", "4", "--eval-every", "2", "--total-batch", "16", "--out", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s0, s1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
-    assert_same_state(s0, s1)
-    saved = ckpt(out / "ckpt.pt")
+def ddp_args(setup, out):
+    """--total-batch 16 on 2 ranks of --batch-size 4: 2 micro-steps per optimizer step; dropout
+    draws from each rank's own RNG."""
+    return [*base(setup), "--dropout", "0.1", "--max-steps", "16", "--eval-every", "8", "--ckpt-every", "2",
+            "--total-batch", "16", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(setup, tmp_path_factory):
+    """One two-process launch, two runs in turn: 16 uninterrupted steps (full/), then the same
+    run in cut/, killed with SIGKILL (torchrun and both ranks) right after its step-2 checkpoint."""
+    work = tmp_path_factory.mktemp("gpt_ddp")
+    full, cut = work / "full", work / "cut"
+    kill_launch_when_logged("ddp_train.py", ["train_gpt", *ddp_args(setup, full), "--then", *ddp_args(setup, cut)],
+                            cut / "log.txt", "saved checkpoint step 2 to ", work / "stderr.txt")
+    return full, cut
+
+
+def test_two_process_ddp_with_grad_accum_keeps_ranks_identical(ddp_runs):
+    full = ddp_runs[0]
+    s0, s1 = torch.load(full / "rank0.pt"), torch.load(full / "rank1.pt")
+    assert_same_state(s0, s1)  # every parameter and buffer, bitwise
+    saved = ckpt(full / "ckpt.pt")
     assert_same_state(saved["model"], s0)
     assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
-    log = (out / "log.txt").read_text()
-    assert "2 process(es)" in log and "accumulation 2" in log
+    log = (full / "log.txt").read_text()
+    assert "2 process(es)" in log and "batch 16 (accumulation 2)" in log
+
+
+def test_two_process_ddp_kill_and_resume_equals_uninterrupted_run(ddp_runs):
+    """The run killed -9 after its step-2 checkpoint and resumed in two processes ends bitwise
+    where the uninterrupted two-process run did, on both ranks: each rank restores its own
+    RNG state (its dropout masks from then on)."""
+    full, cut = ddp_runs
+    killed_at = ckpt(cut / "ckpt.pt")["step"]  # loads: the file was never half-written
+    assert 2 <= killed_at < 16, "the run finished before the kill; make it longer"
+    r = launch("ddp_train.py", ["train_gpt", "--resume", "--out", str(cut)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    s0 = torch.load(full / "rank0.pt")
+    for rank in (0, 1):
+        assert_same_state(torch.load(cut / f"rank{rank}.pt"), s0)
+    a, b = ckpt(full / "ckpt.pt"), ckpt(cut / "ckpt.pt")
+    assert a["step"] == b["step"] == 16
+    assert_same_state(a["model"], b["model"])
+    assert a["lr"] == b["lr"] and a["best_val"] == b["best_val"]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in ("exp_avg", "exp_avg_sq"))
+    assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], b["rng"]))
+    assert f"resuming BiART in {cut}" in (cut / "log.txt").read_text()
 
 
 def test_both_directions_learn(setup, tmp_path):
@@ -213,18 +250,27 @@ def wrong_files(setup, tmp_path_factory):
     (["--mix", "--t2i-share", "0.1"], "leaves one direction no row of --batch-size 4"),
     (["--lr", "1e30", "--grad-clip", "0", "--ckpt-every", "1"], "at step 1: stopping; the last good checkpoint"),
 ])
-def test_bad_input_gives_one_line_error(args, message, setup, wrong_files, tmp_path):
+def test_bad_input_gives_one_line_error(args, message, setup, wrong_files, tmp_path, capsys, monkeypatch):
     _, _, vae = setup
     args = [a.format(vae=vae, wrong=wrong_files) for a in args]
-    r = run([*base(setup), "--max-steps", "3", "--out", str(tmp_path / "o"), *args], cwd=tmp_path)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
+    monkeypatch.chdir(tmp_path)  # relative paths as a user in that folder types them
+    code, _, err = cli(lambda: train_gpt.main([*base(setup), "--max-steps", "3", "--out", str(tmp_path / "o"), *args]),
+                       capsys, "train_gpt.py")
+    assert code == 2
+    lines = err.strip().splitlines()
     if "last good" in message:  # stops mid-run: the progress bar came before the one-line error
         lines = [l for l in lines if "error" in l]
-        assert lines and r.stderr.strip().endswith(lines[-1])
-    assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+        assert lines and err.strip().endswith(lines[-1])
+    assert len(lines) == 1 and lines[0].startswith("train_gpt.py: error: ") and message in lines[0], err[-2000:]
     if "last good" in message:  # a NaN or infinite loss: the step-1 checkpoint is kept
         assert ckpt(tmp_path / "o" / "ckpt.pt")["step"] == 1
+    else:
+        assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_bad_input_from_the_shell(setup, tmp_path):
+    r = run([*base(setup), "--preset", "huge", "--out", str(tmp_path / "o")], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().startswith("train_gpt.py: error: unknown preset"), r.stderr
 
 
 def test_truncate_cuts_long_captions(setup, tmp_path):

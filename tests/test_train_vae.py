@@ -12,7 +12,9 @@ from PIL import Image
 import augvae
 import data
 import runtime
-from conftest import kill_points
+import train_vae
+from conftest import cli, kill_points
+from ddp_launch import kill_launch_when_logged, launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a few seconds per run: 32 px shapes, batch 4, the small preset
@@ -123,21 +125,74 @@ def test_resume_of_a_checkpoint_older_than_a_setting(ml_run, tmp_path):
     assert ckpt(out / "ckpt.pt")["step"] == 7
 
 
-def test_two_process_ddp_keeps_ranks_identical(tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "tests", "ddp_train_vae.py"),
-           "--ml", *TINY, "--max-steps", "4", "--eval-every", "2", "--out", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s0, s1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+DDP_SL = [*TINY, "--grad-accum", "2", "--max-steps", "5", "--ckpt-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """One two-process launch, three runs in turn: 2 ML steps (ml/); 5 SL steps fine-tuned from
+    them with --grad-accum 2 (sl/); the same SL run in cut/, killed with SIGKILL (torchrun and
+    both ranks) right after its step-1 checkpoint. SL marks every code dead, and the ML steps
+    leave the quantizer's step count at 2, so the first restart comes at its 10th step: SL
+    micro-step 8, in step 4, after the kill and, in cut/, after the resume."""
+    work = tmp_path_factory.mktemp("vae_ddp")
+    ml, sl, cut = work / "ml", work / "sl", work / "cut"
+    args = ["--ml", *TINY, "--max-steps", "2", "--eval-every", "2", "--out", str(ml),
+            "--then", "--sl", "--init", str(ml / "ckpt.pt"), *DDP_SL, "--out", str(sl),
+            "--then", "--sl", "--init", str(ml / "ckpt.pt"), *DDP_SL, "--out", str(cut)]
+    kill_launch_when_logged("ddp_train.py", ["train_vae", *args], cut / "log.txt", "saved checkpoint step 1 to ",
+                            work / "stderr.txt")
+    return ml, sl, cut
+
+
+def test_two_process_ddp_ml_keeps_ranks_identical(ddp_runs):
+    ml = ddp_runs[0]
+    s0, s1 = torch.load(ml / "rank0.pt"), torch.load(ml / "rank1.pt")
     assert_same_state(s0, s1)  # weights AND the EMA codebook statistics
     levels = augvae.preset("small").num_levels
-    assert int(s0["quantizer.updates"]) == levels * 4  # one EMA update per level per step, 4 steps
-    saved = ckpt(out / "ckpt.pt")
+    assert int(s0["quantizer.updates"]) == levels * 2  # one EMA update per level per step, 2 steps
+    saved = ckpt(ml / "ckpt.pt")
     assert_same_state(saved["model"], s0)
-    assert "2 process(es)" in (out / "log.txt").read_text()
+    assert "2 process(es)" in (ml / "log.txt").read_text()
+
+
+def test_two_process_ddp_sl_with_grad_accum_and_a_dead_code_restart_keeps_ranks_identical(ddp_runs):
+    """SL under DDP with --grad-accum 2: every parameter and buffer bitwise equal on both ranks,
+    after a restart_dead in which rank 0 drew the new codes (from its own batch, with its own
+    RNG) and broadcast them."""
+    sl = ddp_runs[1]
+    s0, s1 = torch.load(sl / "rank0.pt"), torch.load(sl / "rank1.pt")
+    assert_same_state(s0, s1)
+    cfg = augvae.AugVAEConfig.from_dict(ckpt(sl / "ckpt.pt")["config"])
+    assert cfg.single_level and cfg.restart_every == 10
+    # 2 ML + 5 x 2 SL micro-steps: the 10th restarted every dead code (ml_to_sl marks them all
+    # dead), so none is left unused for restart_after updates; unrestarted, most would be
+    assert int(s0["quantizer.steps"]) == 12
+    assert int((s0["quantizer.unused"] >= cfg.restart_after).sum()) == 0
+    assert_same_state(ckpt(sl / "ckpt.pt")["model"], s0)
+    log = (sl / "log.txt").read_text()
+    assert "2 process(es)" in log and "batch 16" in log  # 4 per micro-step x 2 micro-steps x 2 ranks
+
+
+def test_two_process_ddp_kill_and_resume_equals_uninterrupted_run(ddp_runs):
+    """The SL run killed -9 after its step-1 checkpoint and resumed in two processes ends
+    bitwise where the uninterrupted two-process run did, on both ranks: each rank restores
+    its own RNG state, which draws the restart's codes (rank 0) after the resume."""
+    _, sl, cut = ddp_runs
+    killed_at = ckpt(cut / "ckpt.pt")["step"]  # loads: the file was never half-written
+    assert 1 <= killed_at < 4, "the kill came after the dead-code restart (step 4): make the gap longer"
+    r = launch("ddp_train.py", ["train_vae", "--resume", "--out", str(cut)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = torch.load(sl / "rank0.pt")
+    for rank in (0, 1):
+        assert_same_state(torch.load(cut / f"rank{rank}.pt"), full)
+    a, b = ckpt(sl / "ckpt.pt"), ckpt(cut / "ckpt.pt")
+    assert a["step"] == b["step"] == 5
+    assert_same_state(a["model"], b["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in ("exp_avg", "exp_avg_sq"))
+    assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], b["rng"]))
+    assert f"resuming AugVAE-SL in {cut}" in (cut / "log.txt").read_text()
 
 
 def test_image_folder_with_a_corrupt_file_is_skipped(tmp_path):
@@ -151,8 +206,9 @@ def test_image_folder_with_a_corrupt_file_is_skipped(tmp_path):
     r = run(["--ml", *TINY, "--data", str(tmp_path / "imgs"), "--val-fraction", "0.25", "--max-steps", "3",
              "--workers", "0", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "broken.jpg" in r.stderr  # warned, not fatal
-    assert (out / "ckpt.pt").exists()
+    warned = [l for l in r.stderr.splitlines() if "skipping unreadable image" in l]
+    assert len(warned) == 1 and "broken.jpg" in warned[0], r.stderr[-2000:]  # warned once, not fatal
+    assert ckpt(out / "ckpt.pt")["step"] == 3
 
 
 def test_bf16_autocast_on_cpu_and_codebook_size(tmp_path):
@@ -183,31 +239,36 @@ def test_bf16_autocast_on_cpu_and_codebook_size(tmp_path):
     (["--ml", "--codebook-size", "-3"], "codebook_size must be >= 1, got -3"),
     (["--ml", "--warmdown-steps", "-1"], "--warmdown-steps must be >= 0, got -1"),
 ])
-def test_bad_input_gives_one_line_error(args, message, tmp_path):
-    r = run([*args, "--max-steps", "1"], cwd=tmp_path)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], r.stderr
+def test_bad_input_gives_one_line_error(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths as a user in that folder types them
+    code, _, err = cli(lambda: train_vae.main([*args, "--max-steps", "1"]), capsys, "train_vae.py")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train_vae.py: error: ") and message in lines[0], err
+    assert os.listdir(tmp_path) == []  # refused before anything was written
 
 
-def test_wrong_checkpoints_are_refused(ml_run, tmp_path):
+def test_bad_input_from_the_shell(tmp_path):
+    r = run(["--sl", "--max-steps", "1"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().startswith("train_vae.py: error: --sl needs --init"), r.stderr
+
+
+def test_wrong_checkpoints_are_refused(ml_run, tmp_path, capsys, monkeypatch):
     sl = tmp_path / "sl"
     r = run(["--sl", "--init", str(ml_run / "ckpt.pt"), *TINY, "--max-steps", "1", "--out", str(sl)])
     assert r.returncode == 0, r.stderr
-    r = run(["--sl", "--init", str(sl / "ckpt.pt"), "--max-steps", "1"], cwd=tmp_path)
-    assert r.returncode == 2 and "already a single-level" in r.stderr
     other = tmp_path / "other.pt"
     torch.save({"kind": "biart", "config": {}, "model": {}}, other)
-    r = run(["--sl", "--init", str(other)], cwd=tmp_path)
-    assert r.returncode == 2 and "'biart' checkpoint, expected 'augvae'" in r.stderr
     newer = tmp_path / "newer.pt"
     c = ckpt(ml_run / "ckpt.pt")
     c["format_version"] = 99
     torch.save(c, newer)
-    r = run(["--sl", "--init", str(newer)], cwd=tmp_path)
-    assert r.returncode == 2 and "newer" in r.stderr
     evil = tmp_path / "evil.pt"
     torch.save({"kind": "augvae", "config": {}, "model": {}, "x": data.ShapesDataset}, evil)  # a pickled class
-    r = run(["--sl", "--init", str(evil)], cwd=tmp_path)
-    assert r.returncode == 2 and "not a loadable weights file" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path)
+    for path, message in ((sl / "ckpt.pt", "already a single-level"), (other, "'biart' checkpoint, expected 'augvae'"),
+                          (newer, "newer"), (evil, "not a loadable weights file")):
+        code, _, err = cli(lambda: train_vae.main(["--sl", "--init", str(path), "--max-steps", "1"]), capsys,
+                           "train_vae.py")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (path, err)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,89 @@
+"""Two-process torchrun (gloo on CPU) for the DDP tests: the command line, the launchers'
+`--then` (several runs, one after another, in one launch), and kill -9 of a whole launch."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(launcher: str, args: list, procs: int = 2) -> list:
+    """The command that runs tests/`launcher` (ddp_train.py TRAINER) on `procs` ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+            os.path.join(ROOT, "tests", launcher), *args]
+
+
+def runs(argv: list) -> list:
+    """A launcher's arguments -> the runs' argument lists (separated by `--then`)."""
+    out = [[]]
+    for a in argv:
+        out.append([]) if a == "--then" else out[-1].append(a)
+    return out
+
+
+def fresh_rendezvous(run: int) -> None:
+    """In a rank, before run `run` (> 0) of a launch: its init_process_group keys the rendezvous
+    under a prefix of its own in torchrun's store (the agent's, up for the whole launch). With
+    the keys the run before left there (the same names: destroy_process_group starts the group
+    count again) a second run's init hung, now and then, for good."""
+    import torch.distributed as dist
+    init = getattr(dist.init_process_group, "original", dist.init_process_group)
+
+    def init_process_group(backend=None, **kw):
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+        return init(backend, store=dist.PrefixStore(f"run{run}/", store), rank=int(os.environ["RANK"]),
+                    world_size=int(os.environ["WORLD_SIZE"]), **kw)
+    init_process_group.original = init
+    dist.init_process_group = init_process_group
+
+
+def launch(launcher: str, args: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun(launcher, args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def descendants(pid: int) -> list:
+    """Every live process below `pid` (torchrun starts its ranks in sessions of their own, so
+    a kill of its process group would not reach them)."""
+    parent = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # ended meanwhile
+    found, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == pid]
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_launch_when_logged(launcher: str, args: list, log, marker: str, stderr_path, timeout: float = 300) -> None:
+    """Start the launch, wait until `log` (a path) contains `marker`, then SIGKILL torchrun and
+    every rank at once: a machine that dies in the middle of training, right after a
+    checkpoint was announced. A launch that ends (or outlasts `timeout`) without logging the
+    marker fails the test. stderr goes to a file (a full pipe would stall the ranks)."""
+    import pytest
+    with open(stderr_path, "wb") as err:
+        p = subprocess.Popen(torchrun(launcher, args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+    deadline = time.time() + timeout
+    try:
+        while not (log.exists() and marker in log.read_text()):
+            if p.poll() is not None or time.time() > deadline:
+                tail = open(stderr_path, errors="replace").read()[-1500:]
+                pytest.fail(f"{marker!r} never logged (exit {p.poll()}): {tail}")
+            time.sleep(0.01)
+    finally:
+        for pid in [p.pid, *descendants(p.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
