@@ -239,6 +239,15 @@ SHAPES_FLAGS = dict(
     **json_flags("shapes"),
 )
 
+SHAPES_TOKENS_FLAGS = dict(
+    vae=("out/vae_sl/best.pt", "AugVAE-SL checkpoint"),
+    limit=(400, "examples of each evaluated split (test: seen colour/shape pairs, heldout: unseen ones)"),
+    probe_size=(2000, "training-split images the linear probes are fitted on"),
+    batch_size=(64, "images per forward pass"),
+    **DEVICE_FLAGS,
+    **json_flags("shapes_tokens"),
+)
+
 FASHION_FLAGS = dict(
     **MODEL_FLAGS,
     **FASHION_ROOT_FLAGS,
@@ -773,6 +782,48 @@ def run_shapes(args) -> dict:
     return results
 
 
+@torch.no_grad()
+def shapes_tokens(vae: augvae.AugVAE, split: str, count: int, batch_size: int, device) -> tuple:
+    """The first `count` one-object images of a shapes split -> (their AugVAE-SL tokens (N, L),
+    the analyzer's per-attribute accuracy on their reconstructions, the examples)."""
+    examples = [shapes.shapes_example(i, split, vae.cfg.image_size, 1) for i in range(count)]
+    tokens, matches = [], []
+    for i in range(0, count, batch_size):
+        batch = examples[i:i + batch_size]
+        x = torch.stack([data.to_tensor(Image.fromarray(e.image)) for e in batch]).to(device)
+        t = vae.encode(x)
+        tokens.append(t.flatten(1).cpu().numpy())
+        for e, r in zip(batch, data.to_uint8(vae.decode(t).clamp(-1, 1).float())):
+            matches.append(shapes.match_attributes(shapes.analyze_image(r, 1), {"objects": e.objects, "relation": None}))
+    return np.concatenate(tokens), _mean_matches(matches), examples
+
+
+def run_shapes_tokens(args) -> dict:
+    """Where composition can be lost in the tokenizer: does AugVAE-SL reconstruct unseen
+    colour/shape pairs (heldout) as well as seen ones (test), read back by the analyzer? And do
+    its codes carry shape and colour apart: a linear probe on each image's bag of codes, fitted on
+    training images, reads the attribute off test and heldout images; on heldout, a probe that
+    fails for shape while it reads colour means the shape's codes depend on its colour."""
+    if min(args.limit, args.probe_size) < 1:
+        raise ValueError("--limit and --probe-size must be >= 1")
+    device = runtime.resolve_device(args.device)
+    vae = augvae.load(args.vae, single_level=True).to(device).eval()
+    train_tokens, _, train_examples = shapes_tokens(vae, "train", args.probe_size, args.batch_size, device)
+    values = {"shape": list(shapes.SHAPES), "colour": sorted(shapes.COLOURS)}
+    results = {"settings": {k: v for k, v in vars(args).items() if k != "json"}}
+    print(f"shapes-tokens: {args.vae}, probes fitted on {args.probe_size} training images")
+    for split in ("test", "heldout"):
+        tokens, recon, examples = shapes_tokens(vae, split, args.limit, args.batch_size, device)
+        probe = {attr: metrics.bag_of_codes_probe(
+            train_tokens, [vals.index(e.objects[0][attr]) for e in train_examples],
+            tokens, [vals.index(e.objects[0][attr]) for e in examples], vae.cfg.codebook_size)
+            for attr, vals in values.items()}
+        results[split] = {"recon": recon, "probe": probe}
+        print(f"  {split:<8} reconstructions read right: " + " ".join(f"{k} {100 * v:.1f}%" for k, v in recon.items())
+              + "; linear probe on the codes: " + " ".join(f"{k} {100 * v:.1f}%" for k, v in probe.items()))
+    return results
+
+
 # -----------------------------------------------------------------------------------------
 # fashion: Fashion-MNIST in both directions, judged by class. Image -> text: does the caption
 # of a test image name its class (data.parse_fashion_caption)? Text -> image: is an image drawn
@@ -993,6 +1044,9 @@ SUBCOMMANDS = {
     "t2i": (T2I_FLAGS, run_t2i, "draw a dataset's captions with BiART, then FID-k against its images (Table 3)"),
     "shapes": (SHAPES_FLAGS, run_shapes, "built-in shapes: exact attribute accuracy of captions and drawn images, "
                                          "with and without self-reranking"),
+    "shapes-tokens": (SHAPES_TOKENS_FLAGS, run_shapes_tokens,
+                      "built-in shapes: AugVAE-SL reconstructions of seen and unseen colour/shape pairs read "
+                      "back by the analyzer, and linear probes of shape and colour on the codes"),
     "fashion": (FASHION_FLAGS, run_fashion, "Fashion-MNIST: class accuracy of the test images' captions and of "
                                             "images drawn from held-out captions (judged by a CNN trained here), "
                                             "Frechet distance and diversity, with and without self-reranking"),

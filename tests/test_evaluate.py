@@ -302,3 +302,33 @@ def test_t2i_draws_and_scores_fid(tiny_models, tmp_path, inception):
     with pytest.raises(ValueError, match="t2i needs --inception"):
         evaluate.main(["t2i", "--vae", vae, "--gpt", gpt, "--limit", "3", "--out", str(tmp_path / "none")])
     assert not (tmp_path / "none").exists()
+
+
+# shapes-tokens
+
+def test_shapes_tokens_recounts(vaes, tmp_path, capsys):
+    """The reconstruction accuracy of each split is the analyzer's reading of the tiny AugVAE's
+    reconstructions, recounted here; the probes' figures are metrics.bag_of_codes_probe's on the
+    same tokens (what that probe measures: tests/test_metrics.py)."""
+    model, path = vaes["sl"]
+    out = tmp_path / "tokens.json"
+    res = evaluate.main(["shapes-tokens", "--vae", path, "--limit", "6", "--probe-size", "12", "--batch-size", "4",
+                         "--device", "cpu", "--json", str(out)])
+    assert json.loads(out.read_text())["heldout"] == res["heldout"]
+    train = [shapes.shapes_example(i, "train", 32, 1) for i in range(12)]
+    with torch.no_grad():
+        train_tokens = model.encode(torch.stack([data.to_tensor(Image.fromarray(e.image)) for e in train])).flatten(1)
+    for split in ("test", "heldout"):
+        ex = [shapes.shapes_example(i, split, 32, 1) for i in range(6)]
+        with torch.no_grad():
+            tokens = model.encode(torch.stack([data.to_tensor(Image.fromarray(e.image)) for e in ex]))
+            recon = data.to_uint8(model.decode(tokens).clamp(-1, 1))
+        exact = np.mean([shapes.match_attributes(shapes.analyze_image(r, 1), {"objects": e.objects, "relation": None})
+                         ["exact"] for e, r in zip(ex, recon)])
+        assert res[split]["recon"]["exact"] == pytest.approx(exact)
+        labels = list(shapes.SHAPES)
+        want = metrics.bag_of_codes_probe(train_tokens.numpy(), [labels.index(e.objects[0]["shape"]) for e in train],
+                                          tokens.flatten(1).numpy(), [labels.index(e.objects[0]["shape"]) for e in ex],
+                                          model.cfg.codebook_size)
+        assert res[split]["probe"]["shape"] == pytest.approx(want)
+    assert "linear probe on the codes" in capsys.readouterr().out

@@ -434,3 +434,20 @@ def test_inception_matches_pytorch_fid():
     with torch.no_grad():  # pytorch-fid resizes to 299 itself; ours at 299 for the comparison
         ours.input_size = 299
         assert torch.allclose(ours(x), theirs(x)[0].flatten(1), atol=1e-5)
+
+
+def test_bag_of_codes_probe_reads_what_the_codes_carry():
+    """Codes that name the label (each image uses code 3 * label plus noise codes) are read
+    exactly, on new images too; codes that name only a second attribute, which went with the
+    label in training and is crossed on the evaluation images (an unseen pairing), are read as
+    the label they came with: 0% right, the verdict shapes-tokens gives for entangled codes."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    noise = lambda n: rng.integers(9, 64, (n, 6))  # noqa: E731
+    carried = np.concatenate([3 * labels[:, None].repeat(2, 1), noise(300)], 1)
+    assert metrics.bag_of_codes_probe(carried[:200], labels[:200], carried[200:], labels[200:], 64) == 1.0
+    other = (labels + 1) % 3  # a second attribute, tied to the label in training ...
+    tied = np.concatenate([3 * other[:, None].repeat(2, 1) + 1, noise(300)], 1)
+    crossed = np.concatenate([3 * ((labels[200:] + 2) % 3)[:, None].repeat(2, 1) + 1, noise(100)], 1)  # ... not here
+    assert metrics.bag_of_codes_probe(tied[:200], labels[:200], tied[200:], labels[200:], 64) == 1.0
+    assert metrics.bag_of_codes_probe(tied[:200], labels[:200], crossed, labels[200:], 64) == 0.0
