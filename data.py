@@ -276,14 +276,15 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple:
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """`length` examples of a split as (3, H, W) float32 tensors in [-1, 1]."""
+    """`length` examples of a split as (3, H, W) float32 tensors in [-1, 1]; recolour=True
+    draws each object in a random colour (shapes.shapes_example)."""
 
-    def __init__(self, split="train", length=10000, image_size=64, num_objects=1, seed=0):
+    def __init__(self, split="train", length=10000, image_size=64, num_objects=1, seed=0, recolour=False):
         shapes.check_shapes_args(split, num_objects, image_size)
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length!r}")
         self.split, self.length, self.image_size = split, length, image_size
-        self.num_objects, self.seed = num_objects, seed
+        self.num_objects, self.seed, self.recolour = num_objects, seed, recolour
 
     def __len__(self):
         return self.length
@@ -291,7 +292,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def example(self, i) -> shapes.ShapesExample:
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for a dataset of {self.length}")
-        return shapes.shapes_example(int(i), self.split, self.image_size, self.num_objects, self.seed)
+        return shapes.shapes_example(int(i), self.split, self.image_size, self.num_objects, self.seed, self.recolour)
 
     def __getitem__(self, i) -> torch.Tensor:
         return from_uint8(self.example(i).image)

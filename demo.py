@@ -48,6 +48,8 @@ FLAGS = dict(  # name: (default, help); each is the flag --name (underscores bec
     codebook_size=(None, "AugVAE codebook size, which is also BiART's image vocabulary (default: the small preset's)", int),
     ml_steps=(100, "AugVAE-ML training steps (train_vae.py --ml --max-steps)"),
     sl_steps=(700, "AugVAE-SL fine-tuning steps (train_vae.py --sl --max-steps)"),
+    vae_recolour=(False, "train both AugVAE stages on recoloured images (train_vae.py --recolour): the tokenizer "
+                         "then sees every colour/shape pair, the held-out ones as pixels only (never captioned)"),
     sl_warmdown=(200, "AugVAE-SL steps at the end over which the learning rate decays linearly to ~0 (train_vae.py "
                 "--warmdown-steps)"),
     train_size=(10000, "shapes training images prepare.py encodes for BiART"),
@@ -158,11 +160,13 @@ def main(argv: list | None = None) -> dict:
     val = ["--val-size", str(cfg["val_size"])]
     amp = ["--dtype", dtype]
     codebook = [] if cfg["codebook_size"] is None else ["--codebook-size", str(cfg["codebook_size"])]
+    recolour = ["--recolour"] if cfg["vae_recolour"] else []
     vae_ml, vae_sl = os.path.join(out, "vae_ml"), os.path.join(out, "vae_sl")
-    stage("vae_ml", lambda: train(train_vae, ["--ml", *objects, *val, *amp, *codebook,
+    stage("vae_ml", lambda: train(train_vae, ["--ml", *objects, *val, *amp, *codebook, *recolour,
                                               "--seed", seed, "--ckpt-every", every,
                                               "--eval-every", every], vae_ml, cfg["ml_steps"], log))
     stage("vae_sl", lambda: train(train_vae, ["--sl", "--init", os.path.join(vae_ml, "best.pt"), *objects, *val, *amp,
+                                              *recolour,
                                               "--warmdown-steps", str(min(cfg["sl_warmdown"], cfg["sl_steps"])),
                                               "--seed", seed, "--ckpt-every", every,
                                               "--eval-every", str(cfg["sl_steps"])],  # one evaluation, at the end

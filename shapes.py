@@ -351,14 +351,21 @@ def check_shapes_args(split, num_objects, image_size):
 
 
 def shapes_example(index: int, split: str = "train", image_size: int = 64, num_objects: int = 1,
-                   seed: int = 0) -> ShapesExample:
+                   seed: int = 0, recolour: bool = False) -> ShapesExample:
     """Example `index` of a split. The scene and captions depend on (seed, split,
-    num_objects, index) only, so the same index at 64 and 256 px shows the same scene."""
+    num_objects, index) only, so the same index at 64 and 256 px shows the same scene.
+    recolour=True gives every object a colour drawn from all COLOURS instead, by a generator of
+    its own: the same scene (shape, size, place, background, noise) in other colours, any
+    colour/shape pair included; the captions follow the new colours."""
     check_shapes_args(split, num_objects, image_size)
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
     rng = _example_rng(seed, split, num_objects, index)
     objects, relation, placements = _sample_scene(rng, split, num_objects)
+    if recolour:
+        names = sorted(COLOURS)
+        crng = np.random.default_rng([seed, SPLITS.index(split), num_objects, index, 1])
+        objects = [{**o, "colour": names[int(crng.integers(len(names)))]} for o in objects]
     captions = _captions(rng, objects, relation)
 
     # background: a pale grey/cream tint, a faint linear gradient (resolution independent)

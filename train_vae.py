@@ -44,6 +44,9 @@ FLAGS = dict(  # name: (default, help); each is the flag --name (underscores bec
          "slice of them, as prepare.py holds out), or a folder of images (ImageNet-style or flat)"),
     fashion_root=(data.FASHION_ROOT, "--data fashion-mnist: the folder with the idx files (train-images-idx3-ubyte.gz, ...)"),
     num_objects=(1, "shapes: objects per image (1 or 2)"),
+    recolour=(False, "shapes: draw each training image's objects in random colours, every colour/shape pair "
+                     "included (pairs held out from BiART are then seen by the AugVAE, as pixels without captions), "
+                     "so that the codes of a shape need not depend on its colour"),
     train_size=(20000, "shapes: number of training images"),
     val_size=(256, "validation images (shapes: generated; folders: at most this many evaluated)"),
     val_fraction=(0.01, "image folders without a val/ subfolder, and fashion-mnist: fraction of the training images held out "
@@ -100,7 +103,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 def make_datasets(cfg: dict, image_size: int) -> tuple:
     """-> (train dataset, validation dataset) of (3, H, W) tensors in [-1, 1]."""
     if cfg["data"] == "shapes":
-        train = data.ShapesDataset("train", cfg["train_size"], image_size, cfg["num_objects"], cfg["seed"])
+        train = data.ShapesDataset("train", cfg["train_size"], image_size, cfg["num_objects"], cfg["seed"],
+                                   cfg["recolour"])
         val = data.ShapesDataset("val", cfg["val_size"], image_size, cfg["num_objects"], cfg["seed"])
         return train, val
     if cfg["data"] == "fashion-mnist":  # the official test images are never read here

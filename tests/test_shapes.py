@@ -341,3 +341,25 @@ def test_cli_show_and_bad_input(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert info.value.code == 2, (bad, err)
         assert len(err.strip().splitlines()) == 1 and "error" in err, (bad, err)
+
+
+def test_recolour_keeps_the_scene_and_changes_only_colours():
+    """What train_vae.py --recolour relies on: the same scene (shape, size, place, the very
+    coverage mask) in colours drawn from all of them, held-out colour/shape pairs included; the
+    analyzer reads the new colours and the old shapes back."""
+    seen = set()
+    for i in range(60):
+        plain = shapes.shapes_example(i, "train", 64, 1)
+        rc = shapes.shapes_example(i, "train", 64, 1, recolour=True)
+        assert np.array_equal(plain.mask, rc.mask)
+        for a, b in zip(plain.objects, rc.objects):
+            assert {k: v for k, v in a.items() if k != "colour"} == {k: v for k, v in b.items() if k != "colour"}
+            seen.add((b["colour"], b["shape"]))
+        read = shapes.analyze_image(rc.image, 1)
+        assert shapes.match_attributes(read, {"objects": rc.objects, "relation": None})["exact"] == 1.0, i
+        assert rc.captions == shapes.shapes_example(i, "train", 64, 1, recolour=True).captions  # deterministic
+        assert rc.objects[0]["colour"] in rc.captions[0].lower()
+    assert seen & set(shapes.HELDOUT_PAIRS)  # pairs held out from BiART appear as pixels
+    assert len({c for c, _ in seen}) == len(shapes.COLOURS)
+    ds = data.ShapesDataset("train", 4, 64, recolour=True)
+    assert torch.equal(ds[2], data.from_uint8(shapes.shapes_example(2, "train", 64, 1, recolour=True).image))
