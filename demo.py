@@ -48,8 +48,10 @@ FLAGS = dict(  # name: (default, help); each is the flag --name (underscores bec
     codebook_size=(None, "AugVAE codebook size, which is also BiART's image vocabulary (default: the small preset's)", int),
     ml_steps=(100, "AugVAE-ML training steps (train_vae.py --ml --max-steps)"),
     sl_steps=(700, "AugVAE-SL fine-tuning steps (train_vae.py --sl --max-steps)"),
-    vae_recolour=(False, "train both AugVAE stages on recoloured images (train_vae.py --recolour): the tokenizer "
-                         "then sees every colour/shape pair, the held-out ones as pixels only (never captioned)"),
+    vae_recolour=(True, "train both AugVAE stages on recoloured images (train_vae.py --recolour): the tokenizer "
+                        "sees every colour/shape pair as pixels, the held-out ones never captioned (BiART never sees "
+                        "them); on the Xeon it lifted held-out exact match from 46.5/62.0 to 67.0/82.0 per cent (captions/"
+                        "drawings) and test from 98.0/93.0 to 100.0/98.0; --no-vae-recolour keeps them out entirely"),
     sl_warmdown=(200, "AugVAE-SL steps at the end over which the learning rate decays linearly to ~0 (train_vae.py "
                 "--warmdown-steps)"),
     train_size=(10000, "shapes training images prepare.py encodes for BiART"),

@@ -800,10 +800,12 @@ def shapes_tokens(vae: augvae.AugVAE, split: str, count: int, batch_size: int, d
 
 def run_shapes_tokens(args) -> dict:
     """Where composition can be lost in the tokenizer: does AugVAE-SL reconstruct unseen
-    colour/shape pairs (heldout) as well as seen ones (test), read back by the analyzer? And do
-    its codes carry shape and colour apart: a linear probe on each image's bag of codes, fitted on
-    training images, reads the attribute off test and heldout images; on heldout, a probe that
-    fails for shape while it reads colour means the shape's codes depend on its colour."""
+    colour/shape pairs (heldout) as well as seen ones (test), read back by the analyzer? And does
+    a reader fitted on seen pairs transfer: a linear probe on each image's bag of codes, fitted on
+    training images (seen pairs only, as BiART's captions are), reads each attribute off test and
+    heldout images. On heldout, shape far below chance while colour holds means the reader took
+    colour as a cue for shape (in the seen pairs colour narrows the shape down), which the codes
+    allow; it does not by itself say that a shape's codes depend on its colour."""
     if min(args.limit, args.probe_size) < 1:
         raise ValueError("--limit and --probe-size must be >= 1")
     device = runtime.resolve_device(args.device)

@@ -440,7 +440,7 @@ def test_bag_of_codes_probe_reads_what_the_codes_carry():
     """Codes that name the label (each image uses code 3 * label plus noise codes) are read
     exactly, on new images too; codes that name only a second attribute, which went with the
     label in training and is crossed on the evaluation images (an unseen pairing), are read as
-    the label they came with: 0% right, the verdict shapes-tokens gives for entangled codes."""
+    the label they came with: 0% right, a reader that took the other attribute as its cue."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 300)
     noise = lambda n: rng.integers(9, 64, (n, 6))  # noqa: E731
