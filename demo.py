@@ -133,15 +133,14 @@ def main(argv: list | None = None) -> dict:
     os.makedirs(demo, exist_ok=True)
     seed, every = str(cfg["seed"]), str(cfg["ckpt_every"])
     timings_path = os.path.join(demo, "timings.json")
-    timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+    timings = runtime.read_json(timings_path) if os.path.exists(timings_path) else {}
 
     def log(msg):
         print(f"demo.py: {msg}", flush=True)
 
     choice_path = os.path.join(demo, "dtype.json")  # a resumed demo keeps the dtype its first session chose
     if dtype == "auto" and os.path.exists(choice_path):
-        with open(choice_path, encoding="utf-8") as f:
-            choice = json.load(f)
+        choice = runtime.read_json(choice_path)
         dtype, speedup = choice["dtype"], choice["bf16_speedup_measured"]
     elif dtype == "auto" and torch.cuda.is_available():
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"

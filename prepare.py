@@ -259,19 +259,15 @@ def main(argv: list | None = None) -> dict | None:
     meta_path, parts_dir = os.path.join(out, "meta.json"), os.path.join(out, "parts")
     plan_path = os.path.join(parts_dir, "plan.json")
 
-    def read_json(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-
     if os.path.exists(meta_path) and not cfg["force"]:
-        if read_json(meta_path).get("plan") == plan:
+        if runtime.read_json(meta_path).get("plan") == plan:
             if master:
                 print(f"prepare.py: {out} is already prepared with these settings; nothing to do (--force redoes it)")
             if ddp:
                 dist.destroy_process_group()
             return None
         raise ValueError(f"{out} holds tokens prepared with other settings; use another --out or --force to replace them")
-    if os.path.exists(plan_path) and not cfg["force"] and read_json(plan_path) != plan:
+    if os.path.exists(plan_path) and not cfg["force"] and runtime.read_json(plan_path) != plan:
         raise ValueError(f"{parts_dir} holds an unfinished prepare with other settings; use --force to start over")
     if master:
         if cfg["force"]:

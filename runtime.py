@@ -66,6 +66,11 @@ def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -102,6 +102,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 
 def make_datasets(cfg: dict, image_size: int) -> tuple:
     """-> (train dataset, validation dataset) of (3, H, W) tensors in [-1, 1]."""
+    if cfg["recolour"] and cfg["data"] != "shapes":
+        raise ValueError(f"--recolour draws the built-in shapes in other colours; it needs --data shapes, not {cfg['data']!r}")
     if cfg["data"] == "shapes":
         train = data.ShapesDataset("train", cfg["train_size"], image_size, cfg["num_objects"], cfg["seed"],
                                    cfg["recolour"])

@@ -87,3 +87,24 @@ def kill_launch_when_logged(launcher: str, args: list, log, marker: str, stderr_
             except ProcessLookupError:
                 pass
         p.wait()
+
+
+def assert_resume_matches(trainer: str, full, cut, steps: int, log_name: str) -> tuple:
+    """Resume the killed two-process run in `cut` and check it ends bitwise where the
+    uninterrupted one in `full` did: both ranks' final weights and buffers, the checkpoint's
+    step, model, AdamW moments and every rank's RNG state. -> the two checkpoints."""
+    import torch
+    r = launch("ddp_train.py", [trainer, "--resume", "--out", str(cut)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = torch.load(full / "rank0.pt")
+    for rank in (0, 1):
+        got = torch.load(cut / f"rank{rank}.pt")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), rank
+    a, b = (torch.load(p / "ckpt.pt", map_location="cpu", weights_only=True) for p in (full, cut))
+    assert a["step"] == b["step"] == steps
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in ("exp_avg", "exp_avg_sq"))
+    assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], b["rng"]))
+    assert f"resuming {log_name} in {cut}" in (cut / "log.txt").read_text()
+    return a, b

@@ -332,3 +332,27 @@ def test_shapes_tokens_recounts(vaes, tmp_path, capsys):
                                           model.cfg.codebook_size)
         assert res[split]["probe"]["shape"] == pytest.approx(want)
     assert "linear probe on the codes" in capsys.readouterr().out
+
+
+class HalfRightVAE:
+    """A stand-in AugVAE-SL for shapes_tokens: decode gives back the encoded images themselves
+    for even rows of a batch and a blank image for odd rows, so the analyzer reads exactly the
+    even examples right."""
+
+    class cfg:
+        image_size, codebook_size = 64, 16
+
+    def encode(self, x):
+        self.x = x
+        return torch.arange(x.size(0) * 4).view(-1, 2, 2) % 16
+
+    def decode(self, t):
+        out = self.x.clone()
+        out[1::2] = 1.0  # white: no object
+        return out
+
+
+def test_shapes_tokens_pairs_each_reconstruction_with_its_example():
+    tokens, recon, examples = evaluate.shapes_tokens(HalfRightVAE(), "heldout", 10, 4, "cpu")
+    assert recon["exact"] == 0.5 and len(examples) == 10 and tokens.shape == (10, 4)
+    assert [e.objects for e in examples] == [shapes.shapes_example(i, "heldout", 64, 1).objects for i in range(10)]

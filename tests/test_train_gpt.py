@@ -14,7 +14,7 @@ import runtime
 import tokenizer
 import train_gpt
 from conftest import cli, kill_points
-from ddp_launch import kill_launch_when_logged, launch
+from ddp_launch import assert_resume_matches, kill_launch_when_logged, launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -197,19 +197,8 @@ def test_two_process_ddp_kill_and_resume_equals_uninterrupted_run(ddp_runs):
     full, cut = ddp_runs
     killed_at = ckpt(cut / "ckpt.pt")["step"]  # loads: the file was never half-written
     assert 2 <= killed_at < 16, "the run finished before the kill; make it longer"
-    r = launch("ddp_train.py", ["train_gpt", "--resume", "--out", str(cut)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    s0 = torch.load(full / "rank0.pt")
-    for rank in (0, 1):
-        assert_same_state(torch.load(cut / f"rank{rank}.pt"), s0)
-    a, b = ckpt(full / "ckpt.pt"), ckpt(cut / "ckpt.pt")
-    assert a["step"] == b["step"] == 16
-    assert_same_state(a["model"], b["model"])
+    a, b = assert_resume_matches("train_gpt", full, cut, 16, "BiART")
     assert a["lr"] == b["lr"] and a["best_val"] == b["best_val"]
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in ("exp_avg", "exp_avg_sq"))
-    assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], b["rng"]))
-    assert f"resuming BiART in {cut}" in (cut / "log.txt").read_text()
 
 
 def test_both_directions_learn(setup, tmp_path):

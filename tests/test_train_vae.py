@@ -14,7 +14,7 @@ import data
 import runtime
 import train_vae
 from conftest import cli, kill_points
-from ddp_launch import kill_launch_when_logged, launch
+from ddp_launch import assert_resume_matches, kill_launch_when_logged, launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a few seconds per run: 32 px shapes, batch 4, the small preset
@@ -181,18 +181,7 @@ def test_two_process_ddp_kill_and_resume_equals_uninterrupted_run(ddp_runs):
     _, sl, cut = ddp_runs
     killed_at = ckpt(cut / "ckpt.pt")["step"]  # loads: the file was never half-written
     assert 1 <= killed_at < 4, "the kill came after the dead-code restart (step 4): make the gap longer"
-    r = launch("ddp_train.py", ["train_vae", "--resume", "--out", str(cut)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    full = torch.load(sl / "rank0.pt")
-    for rank in (0, 1):
-        assert_same_state(torch.load(cut / f"rank{rank}.pt"), full)
-    a, b = ckpt(sl / "ckpt.pt"), ckpt(cut / "ckpt.pt")
-    assert a["step"] == b["step"] == 5
-    assert_same_state(a["model"], b["model"])
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in ("exp_avg", "exp_avg_sq"))
-    assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], b["rng"]))
-    assert f"resuming AugVAE-SL in {cut}" in (cut / "log.txt").read_text()
+    assert_resume_matches("train_vae", sl, cut, 5, "AugVAE-SL")
 
 
 def test_image_folder_with_a_corrupt_file_is_skipped(tmp_path):
@@ -238,6 +227,7 @@ def test_bf16_autocast_on_cpu_and_codebook_size(tmp_path):
     (["--ml", "--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA device"),
     (["--ml", "--codebook-size", "-3"], "codebook_size must be >= 1, got -3"),
     (["--ml", "--warmdown-steps", "-1"], "--warmdown-steps must be >= 0, got -1"),
+    (["--ml", "--recolour", "--data", "fashion-mnist"], "--recolour draws the built-in shapes"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths as a user in that folder types them
