@@ -102,8 +102,6 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 
 def make_datasets(cfg: dict, image_size: int) -> tuple:
     """-> (train dataset, validation dataset) of (3, H, W) tensors in [-1, 1]."""
-    if cfg["recolour"] and cfg["data"] != "shapes":
-        raise ValueError(f"--recolour draws the built-in shapes in other colours; it needs --data shapes, not {cfg['data']!r}")
     if cfg["data"] == "shapes":
         train = data.ShapesDataset("train", cfg["train_size"], image_size, cfg["num_objects"], cfg["seed"],
                                    cfg["recolour"])
@@ -163,6 +161,8 @@ def resolve(cfg: dict) -> tuple:
     if cfg["max_steps"] is None:
         cfg["max_steps"] = {"ml": 400, "sl": 1000}[cfg["stage"]]
     runtime.require_nonnegative(cfg, ("warmdown_steps",))
+    if cfg["recolour"] and cfg["data"] != "shapes":
+        raise ValueError(f"--recolour draws the built-in shapes in other colours; it needs --data shapes, not {cfg['data']!r}")
     if cfg["fg_weight"] is None:
         cfg["fg_weight"] = 10.0 if cfg["data"] == "shapes" else 1.0
     return cfg, resume_ckpt
