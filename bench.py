@@ -28,6 +28,8 @@ Rows (each prints the figure, its baseline, the ratio, the machine and the setti
      or, with --e2e, a timed run of it.
   7  each demo stage's training step (AugVAE-ML, AugVAE-SL, BiART at the demo's sizes) in fp32 and
      under bf16 autocast, and demo.py's --dtype auto probe (runtime.cpu_bf16_speedup) beside them.
+  8  prepare.py images/s from img2dataset tar shards against from a folder of the same JPEGs
+     (--source jsonl), prepare's own time (its log's "done in"), small AugVAE-SL so reading shows.
 
 Method. Every measurement runs in a fresh Python process (`--worker`), so memory freed by earlier
 work cannot hide a peak and one row cannot warm another. A figure is the median of at least 3
@@ -104,6 +106,12 @@ SETTINGS = {
         tok_count=10000,             # row 5: captions per timed run
         demo_batch=32,               # row 7: the demo's batch (train_vae.py's and train_gpt.py's default)
         demo_probes=3,               # row 7: calls of demo.py's --dtype auto probe
+        prep_images=1024,            # row 8: images prepare.py encodes from shards and from a folder
+        prep_per_shard=256,
+        prep_batch=64,               # prepare.py's default
+        prep_workers=0,
+        prep_repeats=3,              # timed runs of each (after a warm-up run when prep_warm)
+        prep_warm=True,
     ),
 }
 SETTINGS["quick"] = {**SETTINGS["full"], **dict(
@@ -116,6 +124,7 @@ SETTINGS["tiny"] = {**SETTINGS["full"], **dict(  # every path at toy sizes, for 
                           text_vocab=100),
     sample_batches=[1, 3], sample_length=16, check_tokens=4,
     quant_shape=[2, 16, 8, 8], quant_codes=64, quant_chunk=32, demo_batch=2, demo_probes=1,
+    prep_images=12, prep_per_shard=5, prep_batch=4, prep_repeats=1, prep_warm=False,
     vae_preset="small", vae_overrides=dict(image_size=32), vae_batch=2, tok_count=50)}
 CUDA_SETTINGS = dict(peak_sizes=[8192], train_batch=8, vae_batch=16)  # a GPU needs bigger work to be busy
 
@@ -856,8 +865,62 @@ def tokenizer_part(device: str, kind: str, count: int, repeats: int, dropout: fl
             "words_per_caption": sum(len(c.split()) for c in captions) / count}
 
 
+def prepare_part(device: str, source: str, images: int, per_shard: int, batch: int, workers: int,
+                 repeats: int, warm: bool = True) -> dict:
+    """Images/s through `python prepare.py` (its own "done in" time: reading, decoding, encoding,
+    writing; not the interpreter's start) from `images` 256 px JPEG shapes, as a jsonl caption
+    file over an image folder or as tar shards of `per_shard` samples holding the same files, encoded by a
+    random small-preset AugVAE-SL (64 px: the encoder is cheap, so reading is a large share)."""
+    import io
+    import tarfile
+    from PIL import Image
+    import shapes
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        cfg = augvae.preset("small", single_level=True)
+        vae = os.path.join(tmp, "vae.pt")
+        runtime.save_checkpoint({"kind": augvae.CHECKPOINT_KIND, "format_version": runtime.CHECKPOINT_FORMAT,
+                                 "config": cfg.to_dict(), "model": augvae.AugVAE(cfg).state_dict(), "step": 0}, vae)
+        os.makedirs(os.path.join(tmp, "images"))
+        lines, tar = [], None
+        for i in range(images):
+            ex = shapes.shapes_example(i, "train", 256, 1, 0)
+            buf = io.BytesIO()
+            Image.fromarray(ex.image, "RGB").save(buf, format="JPEG", quality=90)
+            jpg, key = buf.getvalue(), f"{i:09d}"
+            with open(os.path.join(tmp, "images", key + ".jpg"), "wb") as f:
+                f.write(jpg)
+            lines.append(json.dumps({"image": f"images/{key}.jpg", "caption": ex.captions[0]}))
+            if i % per_shard == 0:
+                tar = tarfile.open(os.path.join(tmp, f"{i // per_shard:05d}.tar"), "w")
+            for name, content in ((key + ".jpg", jpg), (key + ".txt", ex.captions[0].encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+            if i % per_shard == per_shard - 1 or i == images - 1:
+                tar.close()
+        with open(os.path.join(tmp, "captions.jsonl"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        inputs = (["--source", "shards", "--shards", os.path.join(tmp, "*.tar")] if source == "shards" else
+                  ["--source", "jsonl", "--captions", os.path.join(tmp, "captions.jsonl")])
+        secs = []
+        for r in range(int(not warm), repeats + 1):  # run 0 warms the page cache
+            out = os.path.join(tmp, f"out{r}")
+            cmd = [sys.executable, os.path.join(ROOT, "prepare.py"), "--vae", vae, "--out", out, *inputs,
+                   "--val-fraction", "0.01", "--batch-size", str(batch), "--workers", str(workers), "--device", device]
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if p.returncode != 0:
+                raise RuntimeError(f"prepare.py failed: {p.stderr[-2000:]}")
+            with open(os.path.join(out, "log.txt")) as f:
+                done = [l for l in f.read().splitlines() if l.startswith("done in ")]
+            if r:
+                secs.append(float(done[-1].split()[2]))
+    s = statistics.median(secs)
+    return {"seconds": s, "runs": secs, "images_per_s": images / s}
+
+
 PARTS = {"peak": peak_part, "train": train_part, "sample": sample_part, "quantizer": quantizer_part,
-         "vae": vae_part, "tokenizer": tokenizer_part, "demo_stage": demo_stage_part}
+         "vae": vae_part, "tokenizer": tokenizer_part, "demo_stage": demo_stage_part, "prepare": prepare_part}
 
 
 def worker_main(name: str, spec: dict, threads: int) -> None:
@@ -1187,7 +1250,25 @@ def row_e2e(c: Rows, e2e: bool) -> None:
     J.update(e2e_seconds=secs, e2e_measured_seconds=e.get("measured_s"))
 
 
-ROWS = {1: row_train, 2: row_sampling, 3: row_quantizer, 4: row_vae, 5: row_tokenizer, 7: row_demo_stages}
+def row_prepare(c: Rows) -> None:
+    """Row 8: prepare.py's images/s from tar shards against from an image folder of the same files."""
+    S, run, add, J = c.S, c.run, c.add, c.J
+    c.log("row 8: prepare from shards and from a folder")
+    pp = dict(device=c.dev, images=S["prep_images"], per_shard=S["prep_per_shard"], batch=S["prep_batch"],
+              workers=S["prep_workers"], repeats=S["prep_repeats"], warm=S["prep_warm"])
+    folder = run("prepare", source="jsonl", **pp)
+    shards = run("prepare", source="shards", **pp)
+    add("8", "prepare.py images/s from tar shards", f"{shards['images_per_s']:.1f} img/s",
+        f"from an image folder (--source jsonl): {folder['images_per_s']:.1f} img/s",
+        f"{shards['images_per_s'] / folder['images_per_s']:.2f}x", "", fmt_load(mean_load(shards, folder)),
+        f"{S['prep_images']} JPEGs of 256 px shapes, {S['prep_per_shard']} per shard, small-preset AugVAE-SL "
+        f"(random weights, 64 px), batch {S['prep_batch']}, --workers {S['prep_workers']}; prepare's own time, "
+        "warm page cache")
+    J["prepare_images_per_s"] = {"shards": shards["images_per_s"], "folder": folder["images_per_s"]}
+
+
+ROWS = {1: row_train, 2: row_sampling, 3: row_quantizer, 4: row_vae, 5: row_tokenizer, 7: row_demo_stages,
+        8: row_prepare}
 
 
 def run_bench(mode: str, rows: list, device: torch.device, threads: int, in_process: bool,
@@ -1231,9 +1312,9 @@ def parse_rows(s: str) -> list:
     try:
         rows = sorted({int(x) for x in s.split(",") if x.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--rows takes numbers 1-7 separated by commas, got {s!r}")
-    if not rows or any(r not in range(1, 8) for r in rows):
-        raise argparse.ArgumentTypeError(f"--rows takes numbers 1-7, got {s!r}")
+        raise argparse.ArgumentTypeError(f"--rows takes numbers 1-8 separated by commas, got {s!r}")
+    if not rows or any(r not in range(1, 9) for r in rows):
+        raise argparse.ArgumentTypeError(f"--rows takes numbers 1-8, got {s!r}")
     return rows
 
 
@@ -1241,11 +1322,12 @@ def main(argv: list | None = None) -> int:
     p = argparse.ArgumentParser(description="Measure this repo's hot paths against their baselines; print one table.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="rows: 1 BiART training, 2 sampling, 3 quantizer, 4 AugVAE, 5 tokenizer, "
-                                       "6 README demo. See the docstring of bench.py for the method.")
+                                       "6 README demo, 7 demo stages fp32/bf16, 8 prepare from shards/folder. "
+                                       "See the docstring of bench.py for the method.")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smaller settings: a few minutes on a 2-core CPU")
     mode.add_argument("--tiny", action="store_true", help="every path at toy sizes (for tests; the figures mean nothing)")
-    p.add_argument("--rows", type=parse_rows, default=list(range(1, 8)), help="rows to run, e.g. 1,3 (default: all)")
+    p.add_argument("--rows", type=parse_rows, default=list(range(1, 9)), help="rows to run, e.g. 1,3 (default: all)")
     p.add_argument("--json", default="", metavar="FILE", help="also write the figures to FILE as JSON")
     p.add_argument("--compile", action="store_true", help="row 1 also with torch.compile")
     p.add_argument("--e2e", action="store_true", help="row 6: run `python demo.py` and time it (not in the default run)")

@@ -1,21 +1,30 @@
 """
 Data for L-Verse, beside the built-in shapes (shapes.py): real images, caption files,
-Fashion-MNIST and the token arrays BiART trains on.
+img2dataset shards, Fashion-MNIST and the token arrays BiART trains on.
 
 1. Real images: `load_image` (robust decoding to RGB, one exception type), crops,
    `ImageFolder` (skips unreadable files), `save_grid`, `split_indices`.
-2. Fashion-MNIST, real photos with captions from templates: `read_idx` (the idx format, one-line
+2. img2dataset shards (WebDataset tar files or `files` folders), read member by member:
+   `list_shards` (brace ranges, globs), `shard_samples` (per sample, with why it is unusable),
+   `ShardViews` (prepare.py's reader), `ShardImages`/`ShardBatches` (train_vae.py's endless,
+   shuffled, rank- and worker-split stream with a resume position), `held_out` (the split).
+3. Fashion-MNIST, real photos with captions from templates: `read_idx` (the idx format, one-line
    errors), `read_fashion_mnist`, `fashion_image` (28 px -> a 32 px RGB image, dark on white),
    `fashion_captions` (training paraphrases) and FASHION_HELDOUT_TEMPLATES (never trained on),
    `parse_fashion_caption` (the class a caption names).
 """
 
+import bisect
+import glob
 import gzip
+import io
 import json
 import math
+import mmap
 import os
 import random
 import re
+import tarfile
 import warnings
 import zlib
 
@@ -72,19 +81,20 @@ def _to_rgb(im):
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX, ...
 
 
-def load_image(path) -> Image.Image:
+def load_image(path, content: bytes | None = None) -> Image.Image:
     """Decode an image file fully into an RGB PIL image, EXIF orientation applied. Alpha is
     composited on white; 16-bit data is scaled to 8 bits. Raises ImageError for anything
-    that is not a complete, readable image of at most MAX_PIXELS pixels."""
+    that is not a complete, readable image of at most MAX_PIXELS pixels. With `content` (the
+    file's bytes, e.g. a member of a tar shard) `path` only names it in messages."""
     path = os.fspath(path)
     try:
-        if not os.path.isfile(path):
+        if content is None and not os.path.isfile(path):
             raise ImageError(f"cannot load image {path}: no such file")
-        if os.path.getsize(path) == 0:
+        if (len(content) if content is not None else os.path.getsize(path)) == 0:
             raise ImageError(f"cannot load image {path}: empty file")
         with warnings.catch_warnings():  # PIL's decompression-bomb warning -> an error here
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(path if content is None else io.BytesIO(content))
         with im:
             if im.size[0] * im.size[1] > MAX_PIXELS:
                 raise ImageError(f"cannot load image {path}: {im.size[0]}x{im.size[1]} pixels is more "
@@ -643,6 +653,405 @@ class Views(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------
+# img2dataset shards: WebDataset tar files (per sample KEY.jpg + KEY.txt [+ KEY.json], the
+# files of a sample adjacent) or the same layout as plain folders (img2dataset's
+# --output_format files), read member by member: nothing lists the whole set in memory.
+
+
+class ShardError(ValueError):
+    """A shard that cannot be read through (missing, not a tar, truncated); the message names it."""
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+CAPTION_EXTENSIONS = (".txt", ".json")  # the caption, and img2dataset's metadata (its "caption" field too)
+SKIP_REASONS = ("undecodable image", "no caption", "empty caption", "unknown extension", "no image")
+
+
+def expand_braces(pattern: str) -> list:
+    """Shell-style braces, left to right: 'a/{00000..00002}.tar' -> a/00000.tar, a/00001.tar,
+    a/00002.tar (zero padding kept, as bash does); '{x,y}' lists. Other braces stay as they are."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = r.groups()
+        if int(hi) < int(lo):
+            raise ValueError(f"{pattern}: the range {{{body}}} runs backwards")
+        padded = any(len(v) > 1 and v.startswith("0") for v in (lo, hi))
+        width = max(len(lo), len(hi)) if padded else 0
+        values = [str(v).zfill(width) for v in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        values = body.split(",")
+    else:
+        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
+    return [p for v in values for p in expand_braces(head + v + tail)]
+
+
+def list_shards(spec: str) -> list:
+    """A shard spec -> shard paths, in order, each once: braces expanded (expand_braces), then
+    globs (each sorted). A folder of tar files -> those; a folder of img2dataset's `files` output
+    (subfolders 00000/, 00001/, ...) -> its subfolders; a folder of sample files -> itself. A
+    plain path that names nothing stays (reading it reports the shard missing, the others go on);
+    a glob that matches nothing is an error."""
+    if not spec:
+        raise ValueError("no shards given (e.g. --shards 'cc3m/{00000..00331}.tar')")
+    found = []
+    for p in expand_braces(spec):
+        if any(c in p for c in "*?["):
+            hits = sorted(glob.glob(p))
+            if not hits:
+                raise ValueError(f"{spec}: {p} matches no file")
+            found += hits
+        elif os.path.isdir(p):
+            entries = sorted(e for e in os.listdir(p) if not e.startswith("."))
+            tars = [os.path.join(p, e) for e in entries if e.lower().endswith(SHARD_SUFFIXES)]
+            subs = [os.path.join(p, e) for e in entries if os.path.isdir(os.path.join(p, e))]
+            found += tars or subs or [p]
+        else:
+            found.append(p)
+    return list(dict.fromkeys(found))
+
+
+def is_shard_spec(spec: str) -> bool:
+    """Whether a --data value names tar shards (a brace range, a glob or a .tar path)."""
+    return bool(re.search(r"\{[^{}]*(\.\.|,)[^{}]*\}|[*?\[]", spec)) or spec.lower().endswith(SHARD_SUFFIXES)
+
+
+def shard_members(path: str):
+    """-> (member name, bytes) of every file in a shard, in the shard's order (a folder: sorted
+    by name). A missing, unreadable or truncated shard raises ShardError after the members
+    before the damage; a whole tar ends with two zero blocks, which is how a cut at a member
+    boundary is told from the end."""
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if not name.startswith(".") and os.path.isfile(full):
+                with open(full, "rb") as f:
+                    yield name, f.read()
+        return
+    if not os.path.exists(path):
+        raise ShardError(f"shard {path}: no such file or folder")
+    try:
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            f = gzip.GzipFile(fileobj=raw) if compressed else raw  # .tar.gz: decompressed once, in order
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                for m in tf:
+                    if m.isfile():
+                        yield m.name, tf.extractfile(m).read()
+                end = tf.offset
+            f.seek(end)
+            tail = f.read(1024)
+            if len(tail) < 1024 or tail.strip(b"\0"):
+                raise ShardError(f"shard {path}: truncated tar (it ends inside or right after a member, "
+                                 f"at byte {end:,}{' of the decompressed data' if compressed else ''}, without "
+                                 f"the end-of-archive blocks); fetch it again")
+            while compressed and f.read(1 << 20):
+                pass  # to the end of the gzip stream, which raises EOFError when it is cut short
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise ShardError(f"shard {path}: truncated or not a tar file ({runtime.first_line(e)}); fetch it again") from None
+
+
+def _split_name(name: str) -> tuple:
+    """'dir/000012.jpg' -> ('dir/000012', '.jpg'): WebDataset's key is the name up to the first
+    dot of its last part; the rest is the extension (lower case)."""
+    folder, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return os.path.join(folder, stem) if folder else stem, (dot + ext).lower()
+
+
+def _sample(key: str, members: list, caption_field: str) -> dict:
+    """One sample's members [(ext, bytes)] -> {key, image, image_ext, caption, reason}."""
+    by_ext = dict(members)
+    image_ext = next((e for e, _ in members if e in IMAGE_EXTENSIONS), None)
+    out = {"key": key, "image": by_ext.get(image_ext), "image_ext": image_ext, "caption": None, "reason": ""}
+    if image_ext is None:
+        known = IMAGE_EXTENSIONS + CAPTION_EXTENSIONS
+        out["reason"] = "unknown extension" if any(e not in known for e, _ in members) else "no image"
+        return out
+    caption = None
+    if not caption_field and ".txt" in by_ext:
+        caption = by_ext[".txt"].decode("utf-8", errors="replace")
+    elif ".json" in by_ext:
+        try:
+            record = json.loads(by_ext[".json"])
+            caption = record.get(caption_field or "caption") if isinstance(record, dict) else None
+        except ValueError:
+            caption = None
+        caption = caption if isinstance(caption, str) else None
+    out["caption"] = caption
+    if caption is None:
+        out["reason"] = "no caption"
+    elif not caption.strip():
+        out["reason"] = "empty caption"
+    return out
+
+
+def shard_samples(path: str, caption_field: str = ""):
+    """-> one dict per sample of a shard: key, image (bytes or None), image_ext, caption (from
+    .txt, or the `caption_field` of .json; img2dataset's .json also holds "caption") and reason:
+    '' or, for a sample unusable before any decoding, one of SKIP_REASONS."""
+    key, members = None, []
+    for name, content in shard_members(path):
+        k, ext = _split_name(name)
+        if k != key and members:
+            yield _sample(key, members, caption_field)
+            members = []
+        key = k
+        members.append((ext, content))
+    if members:
+        yield _sample(key, members, caption_field)
+
+
+def held_out(key: str, val_fraction: float, seed: int) -> bool:
+    """Whether a shard sample is in the validation split: a hash of (seed, key), so the split
+    depends on neither the process count nor the shard order (prepare.py and train_vae.py
+    hold out the same samples with the same --seed)."""
+    return zlib.crc32(f"{seed}/{key}".encode()) < val_fraction * 2 ** 32
+
+
+def shard_image(path: str, sample: dict) -> Image.Image:
+    """A shard sample's decoded image (load_image: ImageError when it is not whole)."""
+    return load_image(f"{path}:{sample['key']}{sample['image_ext']}", sample["image"])
+
+
+class ShardViews(torch.utils.data.IterableDataset):
+    """prepare.py's reader of shards: `jobs` [(job, shard path, split: 'train', 'val' or 'auto'
+    (held_out by key))] -> for each job, batches {job, split, centre (B, 3, S, S), crops
+    (B, K, 3, S, S), names, captions} of up to `batch_size` usable samples in shard order (K
+    random crops for train, from random.Random(seed, split, key)), then {job, end: True,
+    skipped: {reason: count}, members: [[name, reason]], error: '' or the shard's one line}.
+    DataLoader worker w of W takes jobs w, w + W, ...; a batch depends on its shard alone."""
+
+    def __init__(self, jobs: list, image_size: int, crops: int, seed: int, val_fraction: float,
+                 caption_field: str, batch_size: int):
+        super().__init__()
+        self.jobs, self.size, self.crops, self.seed = jobs, image_size, crops, seed
+        self.val_fraction, self.caption_field, self.batch_size = val_fraction, caption_field, batch_size
+
+    def _views(self, img, split, key):
+        K = self.crops if split == "train" else 0
+        rng = random.Random(f"{self.seed}/{split}/{key}")  # str seeds are stable; the shard's name is not in it
+        crops = [to_tensor(random_crop_resize(img, self.size, rng)) for _ in range(K)]
+        return to_tensor(center_crop_resize(img, self.size)), (torch.stack(crops) if K else
+                                                                torch.zeros(0, 3, self.size, self.size))
+
+    def _batch(self, job, split, pending):
+        return {"job": job, "split": split, "centre": torch.stack([p[0] for p in pending]),
+                "crops": torch.stack([p[1] for p in pending]), "names": [p[2] for p in pending],
+                "captions": [p[3] for p in pending]}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        for job, path, rule in self.jobs[w::W]:
+            pending, skipped, members, error = {"train": [], "val": []}, {}, [], ""
+            label = os.path.basename(path.rstrip(os.sep))
+            try:
+                for s in shard_samples(path, self.caption_field):
+                    name, reason = f"{label}/{s['key']}", s["reason"]
+                    detail = reason
+                    if not reason:
+                        try:
+                            img = shard_image(path, s)
+                        except ImageError as e:
+                            reason, detail = "undecodable image", str(e)
+                    if reason:
+                        skipped[reason] = skipped.get(reason, 0) + 1
+                        members.append([name, detail])
+                        continue
+                    split = rule if rule != "auto" else ("val" if held_out(s["key"], self.val_fraction, self.seed)
+                                                         else "train")
+                    pending[split].append((*self._views(img, split, s["key"]), name, s["caption"].strip()))
+                    if len(pending[split]) == self.batch_size:
+                        yield self._batch(job, split, pending[split])
+                        pending[split] = []
+            except ShardError as e:
+                error = str(e)
+            for split, rest in pending.items():
+                if rest and not error:
+                    yield self._batch(job, split, rest)
+            yield {"job": job, "end": True, "skipped": skipped, "members": members, "error": error}
+
+
+def skip_kind(reason: str) -> str:
+    """The kind of a skip message (load_image's, a shard's), for the totals a run reports."""
+    for kind, words in (("missing file", ("no such file",)), ("empty file", ("empty file",)),
+                        ("too large", ("too large", "MAX_PIXELS")), ("unreadable shard", ("shard ",))):
+        if any(w in reason for w in words):
+            return kind
+    return next((r for r in SKIP_REASONS if reason.startswith(r)), "undecodable image")
+
+
+class Skipped:
+    """The main process's tally of what a training run skipped (the workers find it): each name
+    once, logged when first met (the first `show`), counted by skip_kind."""
+
+    def __init__(self, log, show: int = 20):
+        self.log, self.show, self.seen, self.kinds = log, show, set(), {}
+
+    def add(self, entries) -> None:
+        """entries: strings of 'name<TAB>reason' lines, as WithSkips and ShardImages yield them."""
+        for entry in entries:
+            for line in filter(None, entry.split("\n")):
+                name, _, reason = line.partition("\t")
+                if name in self.seen:
+                    continue
+                self.seen.add(name)
+                kind = skip_kind(reason)
+                self.kinds[kind] = self.kinds.get(kind, 0) + 1
+                if len(self.seen) <= self.show:
+                    self.log(f"skipped {name}: {reason}" + (" (further skips are counted, not listed)"
+                                                             if len(self.seen) == self.show else ""))
+
+    def summary(self) -> str:
+        return (f"{len(self.seen)} skipped: " + ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items()))
+                if self.seen else "nothing skipped")
+
+
+class WithSkips(torch.utils.data.Dataset):
+    """An image dataset with `bad_files` (ImageFolder, or a Subset of one) -> (image, the
+    'name<TAB>reason' lines of the files this call found unreadable): what a DataLoader worker
+    finds reaches the main process with the batch."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        before = len(self.base.bad_files)
+        x = self.ds[i]
+        return x, "".join(f"{p}\t{r}\n" for p, r in self.base.bad_files[before:])
+
+
+def _shard_order(n: int, seed: int, epoch: int) -> list:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+
+
+class ShardImages(torch.utils.data.IterableDataset):
+    """train_vae.py's endless training images from tar shards. Epoch e visits the shards in an
+    order drawn from (seed, e); rank r reads every world-th shard of it (its `mine`), DataLoader
+    worker w of W every W-th of those, starting at position `start` = (epoch, position in mine)
+    (a resume); the samples pass a shuffle buffer of `buffer` images per worker, each a random
+    75-100% crop drawn from (seed, epoch, key). held_out samples (the validation images) are
+    left out. Yields (image (3, S, S), epoch, worker, shards this worker finished in that epoch,
+    skipped 'name<TAB>reason' lines): ShardBatches turns the last three into the position to
+    resume from."""
+
+    def __init__(self, shards: list, image_size: int, rank: int, world: int, seed: int, val_fraction: float,
+                 buffer: int, start: tuple = (0, 0)):
+        super().__init__()
+        if len(shards) < world:
+            raise ValueError(f"{len(shards)} shard(s) for {world} processes: each process needs one")
+        self.shards, self.size, self.rank, self.world, self.seed = shards, image_size, rank, world, seed
+        self.val_fraction, self.buffer, self.start = val_fraction, max(1, buffer), start
+
+    def mine(self, epoch: int) -> list:
+        return [self.shards[i] for i in _shard_order(len(self.shards), self.seed, epoch)[self.rank::self.world]]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        epoch, first = self.start
+        rng = random.Random(f"{self.seed}/{self.rank}/{w}/{epoch}/{first}")
+        buf, skipped = [], ""
+        while True:
+            mine, done = self.mine(epoch), 0
+            for pos in range(first + w, len(mine), W):
+                path = mine[pos]
+                try:
+                    for s in shard_samples(path):
+                        name = f"{os.path.basename(path)}/{s['key']}"
+                        if s["image_ext"] is None:  # a caption is not needed here
+                            skipped += f"{name}\t{s['reason']}\n"
+                            continue
+                        if held_out(s["key"], self.val_fraction, self.seed):
+                            continue
+                        try:
+                            img = shard_image(path, s)
+                        except ImageError as e:
+                            skipped += f"{name}\t{e}\n"
+                            continue
+                        crop = random_crop_resize(img, self.size, random.Random(f"{self.seed}/{epoch}/{s['key']}"))
+                        buf.append(torch.from_numpy(np.array(crop, dtype=np.uint8)))
+                        if len(buf) >= self.buffer:
+                            yield self._item(buf.pop(rng.randrange(len(buf))), epoch, w, done, skipped)
+                            skipped = ""
+                except ShardError as e:
+                    skipped += f"{path}\t{e}\n"
+                done += 1
+            while buf:  # the epoch's last images: the buffer does not carry over
+                yield self._item(buf.pop(rng.randrange(len(buf))), epoch, w, done, skipped)
+                skipped = ""
+            epoch, first = epoch + 1, 0
+
+    @staticmethod
+    def _item(pixels, epoch, w, done, skipped):
+        return pixels.permute(2, 0, 1).float() / 127.5 - 1.0, epoch, w, done, skipped
+
+
+class ShardBatches:
+    """The training iterator over ShardImages: next() -> ((B, 3, S, S) images, the skipped
+    'name<TAB>reason' lines that came with them); position() is where a resume starts: the first shard of this rank's
+    order that some worker has not finished (images of finished shards still in a shuffle
+    buffer are not seen again, those of unfinished ones may be seen twice)."""
+
+    def __init__(self, ds: ShardImages, batch_size: int, workers: int, device: torch.device):
+        self.ds, self.start = ds, ds.start
+        self.workers = max(1, min(workers, len(ds.mine(0))))
+        self.reported = {}  # worker -> (epoch, shards finished in it)
+        self.it = iter(torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers and self.workers,
+                                                   pin_memory=device.type == "cuda"))
+
+    def __next__(self) -> tuple:
+        x, epochs, ws, done, skipped = next(self.it)
+        self.reported[int(ws[-1])] = (int(epochs[-1]), int(done[-1]))
+        return x, skipped
+
+    def position(self) -> tuple:
+        """(epoch, position in this rank's shard order) to resume from."""
+        state = [self.reported.get(w, self.start[:1] + (0,)) for w in range(self.workers)]
+        epoch = min(e for e, _ in state)
+        base = self.start[1] if epoch == self.start[0] else 0
+        n = len(self.ds.mine(epoch))
+        first = min((base + w + self.workers * d if e == epoch else n) for w, (e, d) in enumerate(state))
+        return (epoch, first) if first < n else (epoch + 1, 0)
+
+
+def shard_validation(shards: list, image_size: int, count: int, val_fraction: float, seed: int) -> list:
+    """The first `count` held_out samples of the shards in their listed order, centre crops as
+    (3, S, S) tensors: the validation images of train_vae.py --data SHARDS (the samples
+    prepare.py puts in its val split with the same --val-fraction and --seed)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"tar shards need --val-fraction in (0, 1) to hold out validation images, got {val_fraction}")
+    out = []
+    for path in shards:
+        try:
+            for s in shard_samples(path):
+                if s["image_ext"] is not None and held_out(s["key"], val_fraction, seed):
+                    try:
+                        out.append(to_tensor(center_crop_resize(shard_image(path, s), image_size)))
+                    except ImageError:
+                        continue
+                    if len(out) == count:
+                        return out
+        except ShardError:
+            continue
+    if not out:
+        raise ValueError(f"no validation image in {len(shards)} shard(s) with --val-fraction {val_fraction}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
 # Token arrays: the folder prepare.py writes ({split}.npy, {split}_crops.npy, {split}.jsonl,
 # meta.json), read by train_gpt.py as (caption ids, image tokens) pairs
 
@@ -739,24 +1148,104 @@ def check_token_ids(arr: np.ndarray, vocab: int, path: str) -> None:
                          f"run prepare.py again")
 
 
+def _caption_list(line: bytes, path: str, lineno: int) -> list:
+    try:
+        caps = json.loads(line)["captions"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"could not read {path}:{lineno}: not a prepare.py line "
+                         f"({runtime.first_line(e)[:100]}); the file is truncated or damaged") from None
+    if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
+        raise ValueError(f"{path}:{lineno}: 'captions' must be a non-empty list of strings")
+    return caps
+
+
+class CaptionLines:
+    """The captions of prepare.py .jsonl files (one or several parts, in order), one list per
+    image, read from the memory-mapped files when asked: what stays in memory is where each line
+    is (20 bytes an image; the file pages are the page cache, shared by the ranks). Every line is checked
+    once when the files are opened; a bad one is a one-line error naming the file and line."""
+
+    def __init__(self, paths: list):
+        self.paths, self.starts, self.ends, self.file_of = list(paths), [], [], []
+        for k, path in enumerate(self.paths):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no such file (is prepare.py finished there?)")
+            buf = self._map(path)
+            newlines = np.flatnonzero(np.frombuffer(buf, np.uint8) == 10) if len(buf) else np.zeros(0, np.int64)
+            starts = np.concatenate([[0], newlines + 1])
+            ends = np.concatenate([newlines, [len(buf)]])
+            keep = []
+            for lineno, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist()), start=1):
+                if buf[lo:hi].strip():
+                    _caption_list(buf[lo:hi], path, lineno)
+                    keep.append(lineno - 1)
+            self.starts.append(starts[keep])
+            self.ends.append(ends[keep])
+            self.file_of.append(np.full(len(keep), k, np.int32))
+        self.starts, self.ends, self.file_of = (np.concatenate(a or [[]]).astype(t) for a, t in (
+            (self.starts, np.int64), (self.ends, np.int64), (self.file_of, np.int32)))
+        self.maps = {}
+
+    @staticmethod
+    def _map(path: str):
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+
+    def __getstate__(self):  # DataLoader workers under spawn: the maps are opened again there
+        return {**self.__dict__, "maps": {}}
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i) -> list:
+        k = int(self.file_of[i])
+        if k not in self.maps:
+            self.maps[k] = self._map(self.paths[k])
+        return json.loads(self.maps[k][int(self.starts[i]):int(self.ends[i])])["captions"]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 def read_captions(path: str) -> list:
     """The captions of each line of a prepare.py {split}.jsonl, one list per image."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (is prepare.py finished there?)")
-    captions = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                caps = json.loads(line)["captions"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"could not read {path}:{lineno}: not a prepare.py line "
-                                 f"({runtime.first_line(e)[:100]}); the file is truncated or damaged") from None
-            if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
-                raise ValueError(f"{path}:{lineno}: 'captions' must be a non-empty list of strings")
-            captions.append(caps)
-    return captions
+    return list(CaptionLines([path]))
+
+
+def split_parts(folder: str, split: str) -> list:
+    """The file stems of a split of a prepare.py folder, in row order: [split] ({split}.npy,
+    {split}_crops.npy, {split}.jsonl) or, from shards, meta.json's "parts" (one per shard, read
+    where prepare wrote them: no merge copies them)."""
+    if not os.path.isfile(os.path.join(folder, "meta.json")):
+        return [split]
+    parts = read_meta(folder).get("parts", {}).get(split)
+    if parts is None:
+        return [split]
+    stems = [stem for stem, rows in parts if rows]
+    if not stems:
+        raise ValueError(f"--tokens {folder}: the {split} split has no images")
+    return stems
+
+
+class Rows:
+    """Several arrays with the same row shape read as one: len, shape, ndim, dtype, a row by
+    index (prepare.py --source shards writes one array per shard and split)."""
+
+    def __init__(self, arrays: list):
+        self.arrays = arrays
+        self.ends = np.cumsum([len(a) for a in arrays]).tolist()
+        self.shape = (self.ends[-1], *arrays[0].shape[1:])
+        self.ndim, self.dtype = len(self.shape), arrays[0].dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range for {len(self)} rows")
+        k = bisect.bisect_right(self.ends, i)
+        return self.arrays[k][i - (self.ends[k - 1] if k else 0)]
 
 
 class TokenCaptions(torch.utils.data.Dataset):
@@ -770,21 +1259,31 @@ class TokenCaptions(torch.utils.data.Dataset):
                  train: bool, bpe_dropout: float, seed: int, truncate: bool):
         self.tok, self.config, self.train = tok, config, train
         self.bpe_dropout, self.seed, self.truncate = bpe_dropout, seed, truncate
-        path = os.path.join(folder, f"{split}.npy")
-        self.tokens = open_token_array(path)  # (N, image_len) uint16
-        crops = os.path.join(folder, f"{split}_crops.npy")
-        self.crops = open_token_array(crops) if train and os.path.exists(crops) else None  # (N, K, L)
-        self.captions = read_captions(os.path.join(folder, f"{split}.jsonl"))
-        if len(self.captions) != len(self.tokens):
-            raise ValueError(f"{folder}: {split}.jsonl has {len(self.captions)} lines for {len(self.tokens)} images")
-        if self.tokens.ndim != 2 or self.tokens.shape[1] != config.image_len:
-            raise ValueError(f"{folder}/{split}.npy: shape {self.tokens.shape}, expected (N, {config.image_len})")
-        if self.crops is not None and (self.crops.ndim != 3 or self.crops.shape[0] != len(self.tokens)
-                                       or self.crops.shape[2] != config.image_len):
-            raise ValueError(f"{crops}: shape {self.crops.shape}, expected ({len(self.tokens)}, K, {config.image_len})")
-        check_token_ids(self.tokens, config.image_vocab, path)
-        if self.crops is not None:
-            check_token_ids(self.crops, config.image_vocab, crops)
+        tokens, crops, stems = [], [], split_parts(folder, split)
+        self.captions = CaptionLines([os.path.join(folder, f"{stem}.jsonl") for stem in stems])
+        for stem in stems:
+            path = os.path.join(folder, f"{stem}.npy")
+            arr = open_token_array(path)  # (N, image_len) uint16
+            crops_path = os.path.join(folder, f"{stem}_crops.npy")
+            crop = open_token_array(crops_path) if train and os.path.exists(crops_path) else None  # (N, K, L)
+            n_lines = int((self.captions.file_of == len(tokens)).sum())
+            if n_lines != len(arr):
+                raise ValueError(f"{folder}: {stem}.jsonl has {n_lines} lines for {len(arr)} images")
+            if arr.ndim != 2 or arr.shape[1] != config.image_len:
+                raise ValueError(f"{folder}/{stem}.npy: shape {arr.shape}, expected (N, {config.image_len})")
+            if crop is not None and (crop.ndim != 3 or crop.shape[0] != len(arr) or crop.shape[2] != config.image_len
+                                     or (crops and crop.shape[1] != crops[0].shape[1])):
+                raise ValueError(f"{crops_path}: shape {crop.shape}, expected ({len(arr)}, "
+                                 f"{crops[0].shape[1] if crops else 'K'}, {config.image_len})")
+            check_token_ids(arr, config.image_vocab, path)
+            if crop is not None:
+                check_token_ids(crop, config.image_vocab, crops_path)
+                crops.append(crop)
+            tokens.append(arr)
+        if crops and len(crops) != len(tokens):
+            raise ValueError(f"{folder}: {len(crops)} of the {len(tokens)} parts of {split} have crops; run prepare.py again")
+        self.tokens = tokens[0] if len(tokens) == 1 else Rows(tokens)
+        self.crops = None if not crops else crops[0] if len(crops) == 1 else Rows(crops)
         self.epoch = 0
         self.truncated = 0
         for i, caps in enumerate(self.captions):  # every caption must fit without dropout
@@ -812,7 +1311,7 @@ class TokenCaptions(torch.utils.data.Dataset):
             caption = caps[rng.randrange(len(caps))]
             K = 0 if self.crops is None else self.crops.shape[1]
             view = rng.randrange(1 + K)
-            image = self.tokens[i] if view == 0 else self.crops[i, view - 1]
+            image = self.tokens[i] if view == 0 else self.crops[i][view - 1]
             ids = self.tok.encode(caption, dropout=self.bpe_dropout, rng=rng) if self.bpe_dropout else None
             if ids is None or len(ids) > self.config.text_len - 1:
                 ids = self.tok.encode(caption)

@@ -263,9 +263,12 @@ def rng_state() -> dict:
     return s
 
 
-def all_rng_states(world: int) -> list:
-    """Every rank's RNG state (rank order), gathered on all ranks, for the checkpoint."""
+def all_rng_states(world: int, data_position=None) -> list:
+    """Every rank's RNG state (rank order), gathered on all ranks, for the checkpoint; with
+    `data_position`, this rank's place in a data stream of its own goes with it ("data")."""
     mine = rng_state()
+    if data_position is not None:
+        mine["data"] = data_position
     if world == 1:
         return [mine]
     gathered = [None] * world
@@ -490,10 +493,11 @@ def end_training(log, step: int, t0: float, ddp: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
-def save_training(path, make_checkpoint, master: bool, world: int, log) -> None:
-    """Every rank's RNG state is gathered (a collective: all ranks call this), rank 0 writes
-    make_checkpoint(rngs) atomically, and the ranks wait for it."""
-    rngs = all_rng_states(world)
+def save_training(path, make_checkpoint, master: bool, world: int, log, data_position=None) -> None:
+    """Every rank's RNG state (and `data_position`, see all_rng_states) is gathered (a
+    collective: all ranks call this), rank 0 writes make_checkpoint(rngs) atomically, and the
+    ranks wait for it."""
+    rngs = all_rng_states(world, data_position)
     if master:
         ckpt = make_checkpoint(rngs)
         save_checkpoint(ckpt, path)

@@ -41,7 +41,8 @@ FLAGS = dict(  # name: (default, help); each is the flag --name (underscores bec
     sl_quantize_finest=(False, "SL only: still quantize the 64x64 level (adds its commitment loss and codebook updates), as the released code does"),
     # data
     data=("shapes", "'shapes' for the built-in captioned shapes, 'fashion-mnist' (its official train images; validation on a "
-         "slice of them, as prepare.py holds out), or a folder of images (ImageNet-style or flat)"),
+         "slice of them, as prepare.py holds out), a folder of images (ImageNet-style or flat), or tar shards "
+         "('shards/{00000..00099}.tar', globs too: img2dataset's webdataset output, streamed)"),
     fashion_root=(data.FASHION_ROOT, "--data fashion-mnist: the folder with the idx files (train-images-idx3-ubyte.gz, ...)"),
     num_objects=(1, "shapes: objects per image (1 or 2)"),
     recolour=(False, "shapes: draw each training image's objects in random colours, every colour/shape pair "
@@ -49,9 +50,11 @@ FLAGS = dict(  # name: (default, help); each is the flag --name (underscores bec
                      "so that the codes of a shape need not depend on its colour"),
     train_size=(20000, "shapes: number of training images"),
     val_size=(256, "validation images (shapes: generated; folders: at most this many evaluated)"),
-    val_fraction=(0.01, "image folders without a val/ subfolder, and fashion-mnist: fraction of the training images held out "
-                 "for validation (the same slice prepare.py holds out with the same --seed)"),
-    workers=(0, "DataLoader worker processes (0 loads in the main process)"),
+    val_fraction=(0.01, "image folders without a val/ subfolder, tar shards and fashion-mnist: fraction of the training "
+                 "images held out for validation (the same images prepare.py holds out with the same --seed)"),
+    workers=(0, "DataLoader worker processes (0 loads in the main process); tar shards: at most one per shard of a process"),
+    shuffle_buffer=(500, "tar shards: images each worker shuffles among (uint8: 500 x 196 KB at 256 px); a resume "
+                         "starts at the first shard not read through"),
     # optimisation (appendix A)
     batch_size=(32, "images per process per micro-step"),
     grad_accum=(1, "micro-steps accumulated per optimizer step"),
@@ -101,7 +104,17 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 # data
 
 def make_datasets(cfg: dict, image_size: int) -> tuple:
-    """-> (train dataset, validation dataset) of (3, H, W) tensors in [-1, 1]."""
+    """-> (train dataset, validation dataset) of (3, H, W) tensors in [-1, 1] (image folders:
+    data.WithSkips, which also hands on what was skipped); tar shards: (the shard paths, the
+    validation images)."""
+    if data.is_shard_spec(cfg["data"]):
+        shards = data.list_shards(cfg["data"])
+        missing = [p for p in shards if not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"--data: shard {missing[0]}: no such file" + (f" (and {len(missing) - 1} more)"
+                                                                                   if len(missing) > 1 else ""))
+        val = data.shard_validation(shards, image_size, cfg["val_size"], cfg["val_fraction"], cfg["seed"])
+        return shards, val
     if cfg["data"] == "shapes":
         train = data.ShapesDataset("train", cfg["train_size"], image_size, cfg["num_objects"], cfg["seed"],
                                    cfg["recolour"])
@@ -126,7 +139,15 @@ def make_datasets(cfg: dict, image_size: int) -> tuple:
         train_idx, val_idx = data.split_indices(len(train), cfg["val_fraction"], cfg["seed"])
         train = torch.utils.data.Subset(train, train_idx)
     val = torch.utils.data.Subset(val, val_idx[:cfg["val_size"]])
-    return train, val
+    return data.WithSkips(train), data.WithSkips(val)
+
+
+def images(batch, skipped: data.Skipped) -> torch.Tensor:
+    """A loader's batch -> its images; what the loader skipped on the way goes to `skipped`."""
+    if isinstance(batch, (list, tuple)):
+        batch, lines = batch
+        skipped.add(lines)
+    return batch
 
 
 # -----------------------------------------------------------------------------------------
@@ -169,7 +190,8 @@ def resolve(cfg: dict) -> tuple:
 
 
 @torch.no_grad()
-def evaluate(model: augvae.AugVAE, loader, loss_fn, ctx, device, world: int, grid_images: int) -> dict:
+def evaluate(model: augvae.AugVAE, loader, loss_fn, ctx, device, world: int, grid_images: int,
+             skipped: data.Skipped) -> dict:
     """Validation loss, PSNR, codebook usage and perplexity per token level (summed over all
     ranks), and the first batch's inputs and reconstructions for the grid."""
     model.eval()
@@ -177,8 +199,8 @@ def evaluate(model: augvae.AugVAE, loader, loss_fn, ctx, device, world: int, gri
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, psnr, images
     counts = torch.zeros(len(mcfg.token_levels), mcfg.codebook_size, device=device)
     grid = None
-    for x in loader:
-        x = x.to(device)
+    for batch in loader:
+        x = images(batch, skipped).to(device)
         with ctx:
             recon, commit, stats = model(x)
         loss, _ = loss_fn(recon, x)
@@ -228,12 +250,20 @@ def main(argv: list | None = None) -> augvae.AugVAE:
     state = runtime.LoopState(lr=cfg["lr"] if cfg["lr"] is not None else cfg["lr_per_sample"] * total_batch)
     if resume_ckpt is not None:
         state = runtime.restore_training(resume_ckpt, optimizer, scaler, rank)
-        del resume_ckpt
 
     # -- data ---------------------------------------------------------------------------------
     train_ds, val_ds = make_datasets(cfg, mcfg.image_size)
-    loader, val_loader = runtime.loaders(train_ds, val_ds, cfg["batch_size"], rank, world, cfg["seed"],
-                                         state.step * cfg["grad_accum"], cfg["workers"], device)
+    stream = data.is_shard_spec(cfg["data"])
+    if stream:  # each rank streams shards of its own; the position is per rank, in the checkpoint's "rng"
+        saved = resume_ckpt and resume_ckpt["rng"]
+        start = tuple(saved[rank]["data"]) if saved and len(saved) == world and "data" in saved[rank] else (0, 0)
+        loader = data.ShardBatches(data.ShardImages(train_ds, mcfg.image_size, rank, world, cfg["seed"],
+                                                    cfg["val_fraction"], cfg["shuffle_buffer"], start),
+                                   cfg["batch_size"], cfg["workers"], device)
+        val_loader = torch.utils.data.DataLoader(val_ds[rank::world], batch_size=cfg["batch_size"])
+    else:
+        loader, val_loader = runtime.loaders(train_ds, val_ds, cfg["batch_size"], rank, world, cfg["seed"],
+                                             state.step * cfg["grad_accum"], cfg["workers"], device)
 
     # -- logging ------------------------------------------------------------------------------
     ckpt_path = os.path.join(out, "ckpt.pt")
@@ -247,10 +277,12 @@ def main(argv: list | None = None) -> augvae.AugVAE:
     lpips_note = " only (LPIPS is off: give --lpips-vgg and --lpips-heads to turn it on)"
     log("loss: MSE" + (f" + {cfg['lpips_weight']} LPIPS" if lpips else lpips_note)
         + (f", foreground weight {cfg['fg_weight']:g}" if cfg["fg_weight"] != 1 else ""))
-    for name, ds in (("train", train_ds), ("val", val_ds)):
-        bad = getattr(getattr(ds, "dataset", ds), "bad_files", None)
-        if bad:
-            log(f"{name}: {len(bad)} unreadable image(s) skipped so far: " + "; ".join(f"{p} ({r})" for p, r in bad[:20]))
+    if stream:
+        log(f"data: {len(train_ds)} tar shard(s), {len(val_ds)} validation images held out; "
+            + ("" if loader.start == (0, 0) else f"resuming at shard {loader.start[1]} of epoch {loader.start[0]}; ")
+            + f"shuffle buffer {cfg['shuffle_buffer']} per worker")
+    del resume_ckpt
+    skipped = data.Skipped(log)
 
     # -- the training loop -------------------------------------------------------------------------
     raw.train()
@@ -264,7 +296,7 @@ def main(argv: list | None = None) -> augvae.AugVAE:
             runtime.set_lr(optimizer, lr_now)
             terms_sum = {}
             for micro in range(cfg["grad_accum"]):
-                x = next(loader).to(device, non_blocking=True)
+                x = images(next(loader), skipped).to(device, non_blocking=True)
                 sync = not ddp or micro == cfg["grad_accum"] - 1  # all-reduce on the last micro-step only
                 with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
                     recon, commit, stats = model(x)
@@ -287,10 +319,10 @@ def main(argv: list | None = None) -> augvae.AugVAE:
                     + f" codes/batch {used} lr {lr_now:.3g} {seen / (time.time() - t0):.1f} img/s")
 
             if state.step % cfg["eval_every"] == 0 or last:
-                ev = evaluate(raw, val_loader, loss_fn, ctx, device, world, cfg["grid_images"])
+                ev = evaluate(raw, val_loader, loss_fn, ctx, device, world, cfg["grid_images"], skipped)
                 log(f"eval step {state.step}: val_loss {ev['val_loss']:.4f} val_psnr {ev['val_psnr']:.2f} dB "
                     f"codebook usage {ev['usage']} of {mcfg.codebook_size} perplexity "
-                    f"{[round(p, 1) for p in ev['perplexity']]}")
+                    f"{[round(p, 1) for p in ev['perplexity']]}" + (f"; images {skipped.summary()}" if skipped.seen else ""))
                 if master and ev["grid"] is not None:
                     data.save_grid(ev["grid"], os.path.join(out, f"recon_{state.step:06d}.png"))
                 verdict = state.after_eval(ev["val_loss"], cfg["plateau_patience"], cfg["min_lr"])
@@ -306,9 +338,10 @@ def main(argv: list | None = None) -> augvae.AugVAE:
             if state.step % cfg["ckpt_every"] == 0 or last:
                 runtime.save_training(ckpt_path, lambda rngs: runtime.training_checkpoint(
                     augvae.CHECKPOINT_KIND, mcfg.to_dict(), raw, optimizer, scaler, state, cfg,
-                    cfg["grad_accum"], rngs), master, world, log)
+                    cfg["grad_accum"], rngs), master, world, log, loader.position() if stream else None)
     finally:
         bar.close()
+    log(f"images: {skipped.summary()}" + (" on rank 0" if world > 1 else ""))
     runtime.end_training(log, state.step, t0, ddp)
     return raw
 

@@ -127,3 +127,27 @@ def tiny_models(tiny_tokens):
                     "--max-steps", "30", "--lr", "3e-3", "--device", "cpu"])
     torch.set_num_threads(threads)
     return str(vae), str(gpt / "ckpt.pt")
+
+
+def write_tar(path, members) -> list:
+    """A tar file of (name, bytes) members, in order, as WebDataset's writer lays them out
+    (Python's tarfile: two zero blocks at the end, padded to 10 KiB). -> each member's header offset."""
+    import io
+    import tarfile
+    offsets = []
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, content in members:
+            offsets.append(f.tell())
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tf.addfile(info, io.BytesIO(content))
+    return offsets
+
+
+def png_bytes(pixels) -> bytes:
+    """An (H, W, 3) uint8 array as PNG file bytes."""
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    return buf.getvalue()

@@ -201,7 +201,8 @@ def test_every_row_runs_at_toy_sizes(tmp_path):
     assert j["quantizer_memory_ratio"] is None or j["quantizer_memory_ratio"] > 0
     assert j["quantizer_identical"] is True
     assert all(j[f"sampling_b{b}"]["identical_tokens"] is True for b in TINY["sample_batches"])
-    assert {r["row"] for r in j["table"]} == {"1", "1b", "1d", "2", "3", "4", "5", "5b", "6", "7"}
+    assert {r["row"] for r in j["table"]} == {"1", "1b", "1d", "2", "3", "4", "5", "5b", "6", "7", "8"}
+    assert set(j["prepare_images_per_s"]) == {"shards", "folder"} and all(v > 0 for v in j["prepare_images_per_s"].values())
     assert set(j["demo_vae_ml_step_s"]) == {"float32", "bfloat16"} and len(j["bf16_probe"]) == 1
     for r in j["table"]:
         assert r["machine"] and r["settings"]

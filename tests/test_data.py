@@ -238,3 +238,110 @@ def test_image_folder_errors(tmp_path):
     ds = data.ImageFolder(tmp_path / "allbad", 32, train=False)
     with pytest.warns(UserWarning), pytest.raises(data.ImageError, match="no readable image"):
         ds[0]
+
+
+# -----------------------------------------------------------------------------
+# train_vae.py's stream of tar shards: ShardImages, ShardBatches, shard_validation
+
+def solid_shards(folder, shards: int = 4, per_shard: int = 3) -> list:
+    """Shards whose images are solid colours: shard s holds grey level 40 * (s + 1) (its images
+    tell which shard they came from), keys s000i, a caption each."""
+    import conftest
+    paths = []
+    for s in range(shards):
+        pixels = np.full((20, 24, 3), 40 * (s + 1), np.uint8)
+        members = []
+        for i in range(per_shard):
+            members += [(f"{s}{i:04d}.png", conftest.png_bytes(pixels)), (f"{s}{i:04d}.txt", b"grey")]
+        path = folder / f"{s:05d}.tar"
+        conftest.write_tar(path, members)
+        paths.append(str(path))
+    return paths
+
+
+def shard_of(x: torch.Tensor) -> int:
+    return int(round(float((x.mean() + 1) * 127.5) / 40)) - 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shard_stream_resume_position_never_skips_an_unread_shard(workers, tmp_path):
+    """After every batch, every shard before position() in this rank's order has been delivered
+    whole (a resume skips nothing unread); with one worker it lags at most one shard (the
+    last image of a shard comes before the reader knows the shard has ended)."""
+    paths = solid_shards(tmp_path)
+    ds = data.ShardImages(paths, 16, rank=0, world=1, seed=3, val_fraction=0.0, buffer=1)
+    order = [paths.index(p) for p in ds.mine(0)]
+    assert sorted(order) == [0, 1, 2, 3] and order != [0, 1, 2, 3]  # a shuffled order (seed 3)
+    batches = data.ShardBatches(ds, batch_size=1, workers=workers, device=torch.device("cpu"))
+    seen, positions = [], []
+    for _ in range(12):  # one epoch
+        x, skipped = next(batches)
+        assert x.shape == (1, 3, 16, 16) and list(skipped) == [""]
+        seen.append(shard_of(x[0]))
+        epoch, first = batches.position()
+        assert epoch == 0 and 0 <= first < 4
+        assert all(seen.count(s) == 3 for s in order[:first]), (seen, first)  # read through
+        whole = next(k for k in range(5) if k == 4 or seen.count(order[k]) < 3)  # shards read through
+        assert workers or first >= whole - 1, (seen, first)  # one worker: at most the last one again
+        positions.append(first)
+    assert sorted(seen) == sorted(order * 3) and positions == sorted(positions) and positions[-1] >= 2
+    x, _ = next(batches)
+    assert batches.position()[0] == 1 or workers  # the next epoch began
+
+
+def test_shard_stream_starts_at_its_position_and_splits_ranks(tmp_path):
+    paths = solid_shards(tmp_path)
+    ds = data.ShardImages(paths, 16, rank=0, world=1, seed=3, val_fraction=0.0, buffer=1, start=(0, 2))
+    it = iter(ds)
+    first = [shard_of(next(it)[0]) for _ in range(6)]
+    mine = [paths.index(p) for p in ds.mine(0)]
+    assert first == [mine[2]] * 3 + [mine[3]] * 3
+    x, epoch, worker, done, skipped = next(it)
+    assert epoch == 1 and shard_of(x) == [paths.index(p) for p in ds.mine(1)][0]
+    ranks = [data.ShardImages(paths, 16, rank=r, world=2, seed=3, val_fraction=0.0, buffer=1) for r in (0, 1)]
+    for epoch in (0, 1):  # each epoch the two ranks read every shard once between them
+        assert sorted(ranks[0].mine(epoch) + ranks[1].mine(epoch)) == sorted(paths)
+        assert len(ranks[0].mine(epoch)) == 2
+    with pytest.raises(ValueError, match="2 shard"):
+        data.ShardImages(paths[:2], 16, rank=0, world=3, seed=0, val_fraction=0.0, buffer=1)
+
+
+def test_shard_stream_skips_bad_members_and_holds_out_validation(tmp_path):
+    import conftest
+    rng = np.random.default_rng(0)
+    good = [(f"k{i:03d}", rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for i in range(40)]
+    members = [(f"{k}.png", conftest.png_bytes(p)) for k, p in good]  # no captions: the VAE needs none
+    members += [("bad.jpg", conftest.png_bytes(good[0][1])[:60]), ("odd.xyz", b"?")]
+    conftest.write_tar(tmp_path / "a.tar", members)
+    whole = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "b.tar").write_bytes(whole[:len(whole) // 2])  # cut short
+    paths = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    val = data.shard_validation(paths[:1], 16, 100, 0.25, seed=0)
+    held = [k for k, _ in good if data.held_out(k, 0.25, 0)]
+    assert 4 <= len(held) < 20 and len(val) == len(held)
+    want = [data.to_tensor(data.center_crop_resize(Image.fromarray(p), 16)) for k, p in good if k in held]
+    assert all(torch.equal(a, b) for a, b in zip(val, want))
+    ds = data.ShardImages(paths, 16, rank=0, world=1, seed=0, val_fraction=0.25, buffer=4)
+    ds.mine = lambda epoch: paths  # a then b
+    items, lines = [], ""
+    for item in ds:
+        if item[1] > 0:
+            break
+        items.append(item[0])
+        lines += item[4]
+    # a's training images (none held out) plus b's whole members before the cut, each once
+    b_keys = []
+    try:
+        for s in data.shard_samples(paths[1]):
+            b_keys.append(s["key"])
+    except data.ShardError:
+        pass
+    assert len(items) == (40 - len(held)) + len([k for k in b_keys if not data.held_out(k, 0.25, 0)])
+    reasons = [l.split("\t", 1) for l in lines.splitlines()]
+    names = [n for n, _ in reasons]
+    assert names[:2] == ["a.tar/bad", "a.tar/odd"] and names[2] == paths[1], reasons
+    assert "image file is truncated" in reasons[0][1] or "cannot load image" in reasons[0][1]
+    assert reasons[1][1] == "unknown extension" and "truncated" in reasons[2][1]
+    kinds = data.Skipped(lambda msg: None)
+    kinds.add([lines, lines])  # each name counted once
+    assert kinds.kinds == {"undecodable image": 1, "unknown extension": 1, "unreadable shard": 1}

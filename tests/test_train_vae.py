@@ -193,11 +193,14 @@ def test_image_folder_with_a_corrupt_file_is_skipped(tmp_path):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     out = tmp_path / "run"
     r = run(["--ml", *TINY, "--data", str(tmp_path / "imgs"), "--val-fraction", "0.25", "--max-steps", "3",
-             "--workers", "0", "--out", str(out)])
+             "--workers", "1", "--out", str(out)])  # what the worker skips reaches the log
     assert r.returncode == 0, r.stderr[-2000:]
     warned = [l for l in r.stderr.splitlines() if "skipping unreadable image" in l]
     assert len(warned) == 1 and "broken.jpg" in warned[0], r.stderr[-2000:]  # warned once, not fatal
     assert ckpt(out / "ckpt.pt")["step"] == 3
+    log = (out / "log.txt").read_text()  # named when first met, then the totals by kind
+    assert log.count("skipped ") == 1 and f"skipped {folder / 'broken.jpg'}: cannot load image" in log
+    assert log.rstrip().splitlines()[-2] == "images: 1 skipped: undecodable image 1"
 
 
 def test_bf16_autocast_on_cpu_and_codebook_size(tmp_path):
@@ -262,3 +265,63 @@ def test_wrong_checkpoints_are_refused(ml_run, tmp_path, capsys, monkeypatch):
                            "train_vae.py")
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (path, err)
     assert not (tmp_path / "out").exists()
+
+
+# --- tar shards (img2dataset's webdataset output), streamed ----------------------------------
+
+@pytest.fixture(scope="module")
+def vae_shards(tmp_path_factory):
+    """Four shards of 12 shapes each (32 px), one with a corrupt image, plus a cut-short fifth
+    (its first members whole)."""
+    from conftest import png_bytes, write_tar
+    folder = tmp_path_factory.mktemp("vae_shards")
+    shapes = data.ShapesDataset("train", 48, 32)
+    for s in range(4):
+        members = []
+        for i in range(12):
+            key = f"{s:05d}{i:04d}"
+            members += [(f"{key}.jpg", png_bytes(shapes.example(12 * s + i).image)), (f"{key}.txt", b"a shape")]
+        if s == 2:
+            members.append(("corrupt.jpg", b"\xff\xd8\xff\xe0 not a jpeg"))
+        write_tar(folder / f"{s:05d}.tar", members)
+    whole = (folder / "00000.tar").read_bytes()
+    (folder / "00004.tar").write_bytes(whole[:3000])
+    return folder
+
+
+def test_tar_shards_stream_and_resume_at_the_shard_level(vae_shards, tmp_path):
+    out = tmp_path / "run"
+    spec = str(vae_shards / "{00000..00004}.tar")
+    args = ["--ml", *TINY, "--data", spec, "--val-fraction", "0.2", "--shuffle-buffer", "8", "--eval-every", "3",
+            "--ckpt-every", "3", "--out", str(out)]
+    r = run([*args, "--max-steps", "12"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (out / "log.txt").read_text()
+    held = sum(data.held_out(f"{s:05d}{i:04d}", 0.2, 0) for s in range(4) for i in range(12))
+    assert held > 8 and "data: 5 tar shard(s), 8 validation images held out" in log  # --val-size 8
+    assert not data.held_out("corrupt", 0.2, 0)  # a training sample, met in the first epoch
+    assert "skipped 00002.tar/corrupt: cannot load image" in log and "truncated" in log
+    assert "images: 2 skipped: undecodable image 1, unreadable shard 1" in log
+    first = ckpt(out / "ckpt.pt")
+    epoch, shard = first["rng"][0]["data"]  # 12 steps x 4 images: into the second epoch of ~37 images
+    assert first["step"] == 12 and epoch == 1 and 0 <= shard < 5
+    r = run(["--resume", "--out", str(out), "--max-steps", "15"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (out / "log.txt").read_text()
+    assert f"resuming at shard {shard} of epoch {epoch}" in log
+    assert ckpt(out / "ckpt.pt")["step"] == 15
+
+
+def test_tar_shards_under_ddp_each_rank_reads_its_own(vae_shards, tmp_path):
+    out = tmp_path / "ddp"
+    spec = str(vae_shards / "0000[0-3].tar")
+    r = launch("ddp_train.py", ["train_vae", "--ml", *TINY, "--data", spec, "--val-fraction", "0.2",
+                                "--max-steps", "4", "--eval-every", "4", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(out / f"rank{k}.pt") for k in (0, 1))
+    assert_same_state(a, b)  # DDP kept the ranks together on different shards
+    c = ckpt(out / "ckpt.pt")
+    assert len(c["rng"]) == 2 and all("data" in s for s in c["rng"])
+    ds = data.ShardImages(data.list_shards(spec), 32, 0, 2, 0, 0.2, 8)
+    other = data.ShardImages(data.list_shards(spec), 32, 1, 2, 0, 0.2, 8)
+    assert not set(ds.mine(0)) & set(other.mine(0))
