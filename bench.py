@@ -106,8 +106,8 @@ SETTINGS = {
         tok_count=10000,             # row 5: captions per timed run
         demo_batch=32,               # row 7: the demo's batch (train_vae.py's and train_gpt.py's default)
         demo_probes=3,               # row 7: calls of demo.py's --dtype auto probe
-        prep_images=1024,            # row 8: images prepare.py encodes from shards and from a folder
-        prep_per_shard=256,
+        prep_images=2048,            # row 8: images prepare.py encodes from shards and from a folder
+        prep_per_shard=1024,         # img2dataset writes 10,000: a shard's last, partial batches weigh more here
         prep_batch=64,               # prepare.py's default
         prep_workers=0,
         prep_repeats=3,              # timed runs of each (after a warm-up run when prep_warm)
@@ -865,12 +865,13 @@ def tokenizer_part(device: str, kind: str, count: int, repeats: int, dropout: fl
             "words_per_caption": sum(len(c.split()) for c in captions) / count}
 
 
-def prepare_part(device: str, source: str, images: int, per_shard: int, batch: int, workers: int,
-                 repeats: int, warm: bool = True) -> dict:
+def prepare_part(device: str, images: int, per_shard: int, batch: int, workers: int, repeats: int,
+                 warm: bool = True) -> dict:
     """Images/s through `python prepare.py` (its own "done in" time: reading, decoding, encoding,
-    writing; not the interpreter's start) from `images` 256 px JPEG shapes, as a jsonl caption
-    file over an image folder or as tar shards of `per_shard` samples holding the same files, encoded by a
-    random small-preset AugVAE-SL (64 px: the encoder is cheap, so reading is a large share)."""
+    writing; not the interpreter's start) from `images` 256 px JPEG shapes, as tar shards of
+    `per_shard` samples and as a jsonl caption file over a folder of the same files, the two
+    runs alternating (after a warm-up of each that fills the page cache), encoded by a random
+    small-preset AugVAE-SL (64 px: the encoder is cheap, so reading is a large share)."""
     import io
     import tarfile
     from PIL import Image
@@ -901,23 +902,26 @@ def prepare_part(device: str, source: str, images: int, per_shard: int, batch: i
                 tar.close()
         with open(os.path.join(tmp, "captions.jsonl"), "w") as f:
             f.write("\n".join(lines) + "\n")
-        inputs = (["--source", "shards", "--shards", os.path.join(tmp, "*.tar")] if source == "shards" else
-                  ["--source", "jsonl", "--captions", os.path.join(tmp, "captions.jsonl")])
-        secs = []
+        inputs = {"shards": ["--source", "shards", "--shards", os.path.join(tmp, "*.tar")],
+                  "folder": ["--source", "jsonl", "--captions", os.path.join(tmp, "captions.jsonl")]}
+        secs, load = {k: [] for k in inputs}, {k: [] for k in inputs}
         for r in range(int(not warm), repeats + 1):  # run 0 warms the page cache
-            out = os.path.join(tmp, f"out{r}")
-            cmd = [sys.executable, os.path.join(ROOT, "prepare.py"), "--vae", vae, "--out", out, *inputs,
-                   "--val-fraction", "0.01", "--batch-size", str(batch), "--workers", str(workers), "--device", device]
-            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if p.returncode != 0:
-                raise RuntimeError(f"prepare.py failed: {p.stderr[-2000:]}")
-            with open(os.path.join(out, "log.txt")) as f:
-                done = [l for l in f.read().splitlines() if l.startswith("done in ")]
-            if r:
-                secs.append(float(done[-1].split()[2]))
-    s = statistics.median(secs)
-    return {"seconds": s, "runs": secs, "images_per_s": images / s}
-
+            for kind, args in inputs.items():
+                out = os.path.join(tmp, f"out_{kind}{r}")
+                cmd = [sys.executable, os.path.join(ROOT, "prepare.py"), "--vae", vae, "--out", out, *args,
+                       "--val-fraction", "0.01", "--batch-size", str(batch), "--workers", str(workers),
+                       "--device", device]
+                with LoadMeter() as lm:
+                    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if p.returncode != 0:
+                    raise RuntimeError(f"prepare.py failed: {p.stderr[-2000:]}")
+                with open(os.path.join(out, "log.txt")) as f:
+                    done = [l for l in f.read().splitlines() if l.startswith("done in ")]
+                if r:
+                    secs[kind].append(float(done[-1].split()[2]))
+                    load[kind].append(lm.others)
+    return {k: {"seconds": statistics.median(v), "runs": v, "images_per_s": images / statistics.median(v),
+                "load": load[k]} for k, v in secs.items()}
 
 PARTS = {"peak": peak_part, "train": train_part, "sample": sample_part, "quantizer": quantizer_part,
          "vae": vae_part, "tokenizer": tokenizer_part, "demo_stage": demo_stage_part, "prepare": prepare_part}
@@ -1256,14 +1260,14 @@ def row_prepare(c: Rows) -> None:
     c.log("row 8: prepare from shards and from a folder")
     pp = dict(device=c.dev, images=S["prep_images"], per_shard=S["prep_per_shard"], batch=S["prep_batch"],
               workers=S["prep_workers"], repeats=S["prep_repeats"], warm=S["prep_warm"])
-    folder = run("prepare", source="jsonl", **pp)
-    shards = run("prepare", source="shards", **pp)
+    both = run("prepare", **pp)
+    shards, folder = both["shards"], both["folder"]
     add("8", "prepare.py images/s from tar shards", f"{shards['images_per_s']:.1f} img/s",
         f"from an image folder (--source jsonl): {folder['images_per_s']:.1f} img/s",
         f"{shards['images_per_s'] / folder['images_per_s']:.2f}x", "", fmt_load(mean_load(shards, folder)),
         f"{S['prep_images']} JPEGs of 256 px shapes, {S['prep_per_shard']} per shard, small-preset AugVAE-SL "
         f"(random weights, 64 px), batch {S['prep_batch']}, --workers {S['prep_workers']}; prepare's own time, "
-        "warm page cache")
+        "warm page cache, the two alternating")
     J["prepare_images_per_s"] = {"shards": shards["images_per_s"], "folder": folder["images_per_s"]}
 
 
