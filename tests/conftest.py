@@ -7,9 +7,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-import signal  # noqa: E402
 import subprocess  # noqa: E402
-import time  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,18 +24,12 @@ def one_thread():
 
 @pytest.fixture
 def kill_when_logged():
-    """Start `cmd`, wait until `log` (a path) contains `marker`, then kill -9 it: a real kill
-    in the middle of training, right after a checkpoint was announced. It waits for the marker,
-    not for a clock: a process that ends without logging it fails the test."""
+    """ddp_launch.kill_when_logged as a fixture: run(cmd, log, marker, env, cwd) starts `cmd`,
+    waits until `log` contains `marker` and kills it with kill -9."""
+    from ddp_launch import kill_when_logged as kill
+
     def run(cmd: list, log, marker: str, env: dict, cwd: str):
-        p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        while not (log.exists() and marker in log.read_text()):
-            if p.poll() is not None:
-                pytest.fail(f"{marker!r} never logged; exit {p.returncode}: {p.stderr.read().decode()[-1000:]}")
-            time.sleep(0.01)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        p.stderr.close()
+        kill(cmd, log, marker, env=env, cwd=cwd)
     return run
 
 

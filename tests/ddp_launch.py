@@ -65,14 +65,18 @@ def descendants(pid: int) -> list:
     return found
 
 
-def kill_launch_when_logged(launcher: str, args: list, log, marker: str, stderr_path, timeout: float = 300) -> None:
-    """Start the launch, wait until `log` (a path) contains `marker`, then SIGKILL torchrun and
-    every rank at once: a machine that dies in the middle of training, right after a
-    checkpoint was announced. A launch that ends (or outlasts `timeout`) without logging the
-    marker fails the test. stderr goes to a file (a full pipe would stall the ranks)."""
+def kill_when_logged(cmd: list, log, marker: str, stderr_path=None, env: dict | None = None, cwd: str = ROOT,
+                     timeout: float = 300) -> None:
+    """Start `cmd`, wait until `log` (a path) contains `marker`, then SIGKILL it and every process
+    below it at once: a machine that dies in the middle of training, right after a checkpoint was
+    announced. It waits for the marker, not for a clock; a run that ends (or outlasts `timeout`)
+    without logging it fails the test. stderr goes to a file (a full pipe would stall the ranks)."""
+    import tempfile
     import pytest
+    if stderr_path is None:
+        stderr_path = os.path.join(tempfile.mkdtemp(), "stderr.txt")
     with open(stderr_path, "wb") as err:
-        p = subprocess.Popen(torchrun(launcher, args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, env=env or ENV)
     deadline = time.time() + timeout
     try:
         while not (log.exists() and marker in log.read_text()):
@@ -81,12 +85,17 @@ def kill_launch_when_logged(launcher: str, args: list, log, marker: str, stderr_
                 pytest.fail(f"{marker!r} never logged (exit {p.poll()}): {tail}")
             time.sleep(0.01)
     finally:
-        for pid in [p.pid, *descendants(p.pid)]:
+        for pid in [*descendants(p.pid), p.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         p.wait()
+
+
+def kill_launch_when_logged(launcher: str, args: list, log, marker: str, stderr_path, timeout: float = 300) -> None:
+    """kill_when_logged for a two-process torchrun of tests/`launcher` (torchrun and its ranks)."""
+    kill_when_logged(torchrun(launcher, args), log, marker, stderr_path, timeout=timeout)
 
 
 def assert_resume_matches(trainer: str, full, cut, steps: int, log_name: str) -> tuple:
