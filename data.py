@@ -604,6 +604,16 @@ def list_items(source: str, *, captions: str = "", val_captions: str = "", image
     return {k: v for k, v in (("train", train), ("val", val)) if v}
 
 
+def centre_and_crops(img: Image.Image, big: Image.Image, size: int, crops: int, seed: str) -> tuple:
+    """What prepare.py encodes of an image: its centre view (3, S, S) and `crops` random crops
+    (K, 3, S, S) of `big` (the same image, perhaps at a higher resolution), drawn from
+    random.Random(seed) (a str seed: stable across runs and processes)."""
+    rng = random.Random(seed)
+    views = [to_tensor(random_crop_resize(big, size, rng)) for _ in range(crops)]
+    return (to_tensor(center_crop_resize(img, size)),
+            torch.stack(views) if views else torch.zeros(0, 3, size, size))
+
+
 class Views(torch.utils.data.Dataset):
     """Items of one split of `source` (list_items), the first at index `first` of its split ->
     (centre view (3, S, S), K random crops (K, 3, S, S), ok, error, captions as JSON). A crop
@@ -645,10 +655,7 @@ class Views(torch.utils.data.Dataset):
             img, big, captions = self._load(self.items[k])
         except ImageError as e:
             return torch.zeros(3, S, S), torch.zeros(K, 3, S, S), False, str(e), "[]"
-        centre = to_tensor(center_crop_resize(img, S))
-        rng = random.Random(f"{self.seed}/{self.split}/{i}")  # str seeds are stable
-        crops = [to_tensor(random_crop_resize(big, S, rng)) for _ in range(K)]
-        crops = torch.stack(crops) if crops else torch.zeros(0, 3, S, S)
+        centre, crops = centre_and_crops(img, big, S, K, f"{self.seed}/{self.split}/{i}")
         return centre, crops, True, "", json.dumps(captions)
 
 
@@ -832,13 +839,6 @@ class ShardViews(torch.utils.data.IterableDataset):
         self.jobs, self.size, self.crops, self.seed = jobs, image_size, crops, seed
         self.val_fraction, self.caption_field, self.batch_size = val_fraction, caption_field, batch_size
 
-    def _views(self, img, split, key):
-        K = self.crops if split == "train" else 0
-        rng = random.Random(f"{self.seed}/{split}/{key}")  # str seeds are stable; the shard's name is not in it
-        crops = [to_tensor(random_crop_resize(img, self.size, rng)) for _ in range(K)]
-        return to_tensor(center_crop_resize(img, self.size)), (torch.stack(crops) if K else
-                                                                torch.zeros(0, 3, self.size, self.size))
-
     def _batch(self, job, split, pending):
         return {"job": job, "split": split, "centre": torch.stack([p[0] for p in pending]),
                 "crops": torch.stack([p[1] for p in pending]), "names": [p[2] for p in pending],
@@ -865,7 +865,9 @@ class ShardViews(torch.utils.data.IterableDataset):
                         continue
                     split = rule if rule != "auto" else ("val" if held_out(s["key"], self.val_fraction, self.seed)
                                                          else "train")
-                    pending[split].append((*self._views(img, split, s["key"]), name, s["caption"].strip()))
+                    K = self.crops if split == "train" else 0  # the shard's name is not in the seed
+                    views = centre_and_crops(img, img, self.size, K, f"{self.seed}/{split}/{s['key']}")
+                    pending[split].append((*views, name, s["caption"].strip()))
                     if len(pending[split]) == self.batch_size:
                         yield self._batch(job, split, pending[split])
                         pending[split] = []
@@ -1166,7 +1168,7 @@ class CaptionLines:
     once when the files are opened; a bad one is a one-line error naming the file and line."""
 
     def __init__(self, paths: list):
-        self.paths, self.starts, self.ends, self.file_of = list(paths), [], [], []
+        self.paths, self.starts, self.ends, self.file_of, self.counts = list(paths), [], [], [], []
         for k, path in enumerate(self.paths):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: no such file (is prepare.py finished there?)")
@@ -1182,6 +1184,7 @@ class CaptionLines:
             self.starts.append(starts[keep])
             self.ends.append(ends[keep])
             self.file_of.append(np.full(len(keep), k, np.int32))
+            self.counts.append(len(keep))
         self.starts, self.ends, self.file_of = (np.concatenate(a or [[]]).astype(t) for a, t in (
             (self.starts, np.int64), (self.ends, np.int64), (self.file_of, np.int32)))
         self.maps = {}
@@ -1205,11 +1208,6 @@ class CaptionLines:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
-
-
-def read_captions(path: str) -> list:
-    """The captions of each line of a prepare.py {split}.jsonl, one list per image."""
-    return list(CaptionLines([path]))
 
 
 def split_parts(folder: str, split: str) -> list:
@@ -1266,7 +1264,7 @@ class TokenCaptions(torch.utils.data.Dataset):
             arr = open_token_array(path)  # (N, image_len) uint16
             crops_path = os.path.join(folder, f"{stem}_crops.npy")
             crop = open_token_array(crops_path) if train and os.path.exists(crops_path) else None  # (N, K, L)
-            n_lines = int((self.captions.file_of == len(tokens)).sum())
+            n_lines = self.captions.counts[len(tokens)]  # lines of this part
             if n_lines != len(arr):
                 raise ValueError(f"{folder}: {stem}.jsonl has {n_lines} lines for {len(arr)} images")
             if arr.ndim != 2 or arr.shape[1] != config.image_len:

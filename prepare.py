@@ -147,6 +147,17 @@ def output_files(out: str) -> list:
 # -----------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def encode_views(vae, centre: torch.Tensor, crops: torch.Tensor, device) -> tuple:
+    """(B, 3, S, S) centre views and (B, K, 3, S, S) crops -> uint16 token grids, row-major:
+    (B, g*g) and (B, K, g*g)."""
+    B, K = crops.shape[:2]
+    tokens = vae.encode(centre.to(device)).reshape(B, -1).cpu().numpy().astype(np.uint16)
+    crop_tokens = (vae.encode(crops.flatten(0, 1).to(device)).reshape(B, K, -1).cpu().numpy().astype(np.uint16)
+                   if K else np.zeros((B, 0, tokens.shape[1]), np.uint16))
+    return tokens, crop_tokens
+
+
+@torch.no_grad()
 def encode_chunk(vae, cfg, split, items, first, image_size, device) -> dict:
     K = cfg["crops"] if split == "train" else 0
     ds = data.Views(cfg["source"], split, items, first, image_size, K, cfg["num_objects"], cfg["seed"])
@@ -154,17 +165,13 @@ def encode_chunk(vae, cfg, split, items, first, image_size, device) -> dict:
                                          generator=torch.Generator().manual_seed(0))
     tokens, crops, keep, errors, captions = [], [], [], [], []
     for centre, crop, ok, err, caps in loader:
-        B = centre.size(0)
-        tokens.append(vae.encode(centre.to(device)).reshape(B, -1).cpu())  # (B, g*g) row-major
-        if K:
-            crop_tok = vae.encode(crop.flatten(0, 1).to(device)).reshape(B, K, -1).cpu()  # (B, K, g*g)
-            crops.append(crop_tok)
+        t, c = encode_views(vae, centre, crop, device)
+        tokens.append(t)
+        crops.append(c)
         keep.append(ok)
         errors += list(err)
         captions += list(caps)
-    tokens = torch.cat(tokens).numpy().astype(np.uint16)
-    L = tokens.shape[1]
-    crops = torch.cat(crops).numpy().astype(np.uint16) if K else np.zeros((len(items), 0, L), np.uint16)
+    tokens, crops = np.concatenate(tokens), np.concatenate(crops)
     extras = [json.dumps(it[3]) if len(it) > 3 else "{}" for it in items]  # e.g. fashion-mnist's label
     return dict(tokens=tokens, crops=crops, keep=torch.cat(keep).numpy(), errors=np.array(errors, dtype=str),
                 captions=np.array(captions, dtype=str), names=np.array([it[0] for it in items], dtype=str),
@@ -296,12 +303,11 @@ def encode_shards(vae, cfg: dict, jobs: list, out: str, device, log, n_jobs: int
             write_job(out, rec["job"], paths[rec["job"]], acc.pop(rec["job"]), rec, log, n_jobs)
             bar.update(1)
             continue
-        B, K = rec["crops"].shape[:2]
         tokens, crops, lines = parts.setdefault(rec["split"], ([], [], []))
-        tokens.append(vae.encode(rec["centre"].to(device)).reshape(B, -1).cpu().numpy().astype(np.uint16))
-        if K:
-            crops.append(vae.encode(rec["crops"].flatten(0, 1).to(device)).reshape(B, K, -1).cpu().numpy()
-                         .astype(np.uint16))
+        t, c = encode_views(vae, rec["centre"], rec["crops"], device)
+        tokens.append(t)
+        if c.shape[1]:
+            crops.append(c)
         lines += [json.dumps({"image": n, "captions": [c]}) for n, c in zip(rec["names"], rec["captions"])]
     bar.close()
 
