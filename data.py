@@ -709,7 +709,7 @@ def list_shards(spec: str) -> list:
         if any(c in p for c in "*?["):
             hits = sorted(glob.glob(p))
             if not hits:
-                raise ValueError(f"{spec}: {p} matches no file")
+                raise ValueError(f"{spec}: {p} matches no file" if p != spec else f"{spec} matches no file")
             found += hits
         elif os.path.isdir(p):
             entries = sorted(e for e in os.listdir(p) if not e.startswith("."))
@@ -955,7 +955,7 @@ class ShardImages(torch.utils.data.IterableDataset):
         if len(shards) < world:
             raise ValueError(f"{len(shards)} shard(s) for {world} processes: each process needs one")
         self.shards, self.size, self.rank, self.world, self.seed = shards, image_size, rank, world, seed
-        self.val_fraction, self.buffer, self.start = val_fraction, max(1, buffer), start
+        self.val_fraction, self.buffer, self.start = val_fraction, buffer, start
 
     def mine(self, epoch: int) -> list:
         return [self.shards[i] for i in _shard_order(len(self.shards), self.seed, epoch)[self.rank::self.world]]

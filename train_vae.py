@@ -182,6 +182,8 @@ def resolve(cfg: dict) -> tuple:
     if cfg["max_steps"] is None:
         cfg["max_steps"] = {"ml": 400, "sl": 1000}[cfg["stage"]]
     runtime.require_nonnegative(cfg, ("warmdown_steps",))
+    if cfg["shuffle_buffer"] < 1:
+        raise ValueError(f"--shuffle-buffer must be >= 1 (images per worker), got {cfg['shuffle_buffer']}")
     if cfg["recolour"] and cfg["data"] != "shapes":
         raise ValueError(f"--recolour draws the built-in shapes in other colours; it needs --data shapes, not {cfg['data']!r}")
     if cfg["fg_weight"] is None:

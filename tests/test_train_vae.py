@@ -231,6 +231,9 @@ def test_bf16_autocast_on_cpu_and_codebook_size(tmp_path):
     (["--ml", "--codebook-size", "-3"], "codebook_size must be >= 1, got -3"),
     (["--ml", "--warmdown-steps", "-1"], "--warmdown-steps must be >= 0, got -1"),
     (["--ml", "--recolour", "--data", "fashion-mnist"], "--recolour draws the built-in shapes"),
+    (["--ml", "--shuffle-buffer", "0"], "--shuffle-buffer must be >= 1"),
+    (["--ml", "--data", "nowhere/*.tar"], "error: nowhere/*.tar matches no file"),
+    (["--ml", "--data", "nowhere/{0..1}.tar"], "--data: shard nowhere/0.tar: no such file (and 1 more)"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths as a user in that folder types them
