@@ -282,6 +282,8 @@ def main(argv: list | None = None) -> augvae.AugVAE:
     if stream:
         log(f"data: {len(train_ds)} tar shard(s), {len(val_ds)} validation images held out; "
             + ("" if loader.start == (0, 0) else f"resuming at shard {loader.start[1]} of epoch {loader.start[0]}; ")
+            + (f"the checkpoint's {len(saved)} process position(s) do not fit {world} process(es): the shard order "
+               "starts again; " if saved and len(saved) != world else "")
             + f"shuffle buffer {cfg['shuffle_buffer']} per worker")
     del resume_ckpt
     skipped = data.Skipped(log)
