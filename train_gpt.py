@@ -369,6 +369,7 @@ def main(argv: list | None = None) -> biart.BiART:
                     tokenizer=tok_info, tokens_meta=tokens_meta), master, world, log)
     finally:
         bar.close()
+    del model  # the DDP wrapper goes before its process group does (runtime.end_training)
     runtime.end_training(log, state.step, t0, ddp)
     return raw
 

@@ -346,6 +346,7 @@ def main(argv: list | None = None) -> augvae.AugVAE:
     finally:
         bar.close()
     log(f"images: {skipped.summary()}" + (" on rank 0" if world > 1 else ""))
+    del model  # the DDP wrapper goes before its process group does (runtime.end_training)
     runtime.end_training(log, state.step, t0, ddp)
     return raw
 
