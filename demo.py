@@ -67,7 +67,7 @@ FLAGS = dict(  # name: (default, help); each is the flag --name (underscores bec
     gpt_t2i_share=(0.667, "share of the BiART steps in text->image order (train_gpt.py --t2i-share): the paper's 0.5 "
                   "alternates; 2/3 gives drawing two steps in three, as captions are learned sooner"),
     dtype=("auto", "autocast dtype of both training stages: float32, bfloat16, or auto = bfloat16 on a GPU that has it; "
-          "on a CPU, bfloat16 where a one-second probe (runtime.cpu_bf16_speedup) measures a bf16 training step "
+          "on a CPU, bfloat16 where a probe of a few seconds (runtime.cpu_bf16_speedup) measures a bf16 training step "
           f"over {BF16_MARGIN}x as fast as fp32, else float32; the choice and the figure go to results.json"),
     text_len=(None, "BiART text length in tokens incl. end-of-text (default: the longest training caption's + 3: "
                     "the end-of-text and 2 to spare)", int),
