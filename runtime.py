@@ -491,8 +491,8 @@ def end_training(log, step: int, t0: float, ddp: bool) -> None:
     """Close the log and, under DDP, the process group. The caller drops its DDP wrapper first:
     a wrapper that outlives destroy_process_group holds the last reference to the gloo group, and
     freeing it later (with the GIL held) joins gloo's worker threads, one of which may still be
-    releasing the last collective's tensors and need the GIL: a hang for good, seen in 1 of 5
-    two-process launches that ran a trainer's main twice. Freed here, with the group still
+    releasing the last collective's tensors and need the GIL: a hang for good, seen in 2 of 18
+    two-process launches that ran a trainer's main three times. Freed here, with the group still
     registered, the wrapper leaves it to destroy_process_group, which releases the GIL."""
     log(f"done: {step} steps in {time.time() - t0:.0f} s this session")
     log.close()
