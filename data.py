@@ -385,8 +385,8 @@ def _idx_path(root: str, name: str) -> str:
         path = os.path.join(root, candidate)
         if os.path.isfile(path):
             return path
-    raise ImageError(f"no {name}(.gz) in {root} (install the Debian package dataset-fashion-mnist, "
-                     f"or give the folder that holds the idx files)")
+    raise ImageError(f"no {name}(.gz) in {root}: get the files with `apt-get install dataset-fashion-mnist` "
+                     f"(Debian, Ubuntu) or give --fashion-root the folder that holds them")
 
 
 def fashion_files(root: str, split: str) -> tuple:
@@ -404,20 +404,29 @@ def read_fashion_mnist(root: str, split: str) -> tuple:
     paths = fashion_files(root, split)
     key = tuple((os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths)
     if key not in _FASHION_CACHE:
-        images, labels = read_idx(paths[0], 3), read_idx(paths[1], 1)
-        if images.dtype != np.uint8 or labels.dtype != np.uint8:
-            raise ImageError(f"{root}: Fashion-MNIST images and labels are uint8, got {images.dtype} and {labels.dtype}")
-        if images.shape[1:] != (FASHION_SIDE, FASHION_SIDE):
-            raise ImageError(f"{paths[0]}: images are {images.shape[1]}x{images.shape[2]}, "
-                             f"expected {FASHION_SIDE}x{FASHION_SIDE}")
-        if len(images) != len(labels) or len(images) == 0:
-            raise ImageError(f"{root}: {len(images)} {split} images but {len(labels)} labels")
-        if labels.max() >= len(FASHION_CLASSES):
-            raise ImageError(f"{paths[1]}: label {int(labels.max())} outside 0..{len(FASHION_CLASSES) - 1}")
+        try:
+            images, labels = _check_fashion(root, split, paths)
+        except ImageError as e:
+            raise ImageError(f"{e}; a fresh copy: `apt-get install --reinstall dataset-fashion-mnist`") from None
         if len(_FASHION_CACHE) >= 4:  # the two official splits of a root or two
             _FASHION_CACHE.pop(next(iter(_FASHION_CACHE)))
         _FASHION_CACHE[key] = (images, labels.astype(np.int64))
     return _FASHION_CACHE[key]
+
+
+def _check_fashion(root: str, split: str, paths: tuple) -> tuple:
+    """Read and check one split's images and labels; an ImageError naming what is wrong."""
+    images, labels = read_idx(paths[0], 3), read_idx(paths[1], 1)
+    if images.dtype != np.uint8 or labels.dtype != np.uint8:
+        raise ImageError(f"{root}: Fashion-MNIST images and labels are uint8, got {images.dtype} and {labels.dtype}")
+    if images.shape[1:] != (FASHION_SIDE, FASHION_SIDE):
+        raise ImageError(f"{paths[0]}: images are {images.shape[1]}x{images.shape[2]}, "
+                         f"expected {FASHION_SIDE}x{FASHION_SIDE}")
+    if len(images) != len(labels) or len(images) == 0:
+        raise ImageError(f"{root}: {len(images)} {split} images but {len(labels)} labels")
+    if labels.max() >= len(FASHION_CLASSES):
+        raise ImageError(f"{paths[1]}: label {int(labels.max())} outside 0..{len(FASHION_CLASSES) - 1}")
+    return images, labels
 
 
 def fashion_image(pixels: np.ndarray, size: int = FASHION_PADDED) -> Image.Image:

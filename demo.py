@@ -1,21 +1,25 @@
 """
-The whole L-Verse pipeline on the built-in captioned shapes, timed and measured (the README's
-main job). Nothing to download; under 15 minutes on a 2-core CPU.
+The whole L-Verse pipeline in one command, timed and measured (the README's main job): on the
+built-in captioned shapes (nothing to download), or on Fashion-MNIST's real photos.
 
-    python demo.py                         # out/: vae_ml, vae_sl, tokens, bpe_shapes.txt.gz, gpt, demo
+    python demo.py                         # out/: vae_ml, vae_sl, tokens, bpe.txt.gz, gpt, demo
     python demo.py --num-objects 2 --out out2    # the harder two-object setting
+    python demo.py --data fashion-mnist --out out/fashion   # real images (apt-get install dataset-fashion-mnist)
 
 Steps, each the project's own script with the settings below:
   1. train_vae.py --ml                   AugVAE multi-level
-  2. train_vae.py --sl --init ML         fine-tuned into the single-level tokenizer (8x8 tokens at 64 px)
-  3. prepare.py                          every shapes image -> tokens, once
+  2. train_vae.py --sl --init ML         fine-tuned into the single-level tokenizer (8x8 tokens)
+  3. prepare.py                          every training image -> tokens, once
   4. tokenizer.py train                  a BPE over the training captions (every word one token)
   5. train_gpt.py                        BiART, both directions
-  6. evaluate.py shapes                  caption and image attribute accuracy on the held-out test
-                                         images and the held-out attribute combinations
-  7. sample.py                           a few held-out images captioned, a few captions drawn
-Figures go to OUT/demo/results.json (caption_exact_match and image_exact_match on the test
-split, self-reranked, and seconds for the whole run) and OUT/demo/*.png.
+  6. evaluate.py shapes | fashion        shapes: exact attribute accuracy of captions and drawings on
+                                         the test split and on the held-out colour/shape pairs;
+                                         fashion: the class named by the captions of the 10,000 test
+                                         images, the class a judging CNN reads in drawings of held-out
+                                         paraphrases, their Frechet distance and diversity
+  7. sample.py                           a few unseen images captioned, a few unseen captions drawn
+Figures go to OUT/demo/results.json (the headline figures, self-reranked, with the first-sample
+ones beside them, the seconds of each stage, the machine) and OUT/demo/*.png.
 
 A killed demo picks up where it stopped when run again with the same flags: a finished step is
 skipped, an interrupted training resumes from its last checkpoint (--ckpt-every steps lost at
@@ -23,14 +27,15 @@ most), a half-done prepare finishes its remaining chunks.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
+import data
 import runtime
 import shapes
 import evaluate
@@ -41,54 +46,112 @@ import train_gpt
 import train_vae
 
 BF16_MARGIN = 1.1  # --dtype auto on a CPU: bf16 only where the probe measures it this much faster
+DATA = ("shapes", "fashion-mnist")
+# Defaults that depend on --data: (shapes, fashion-mnist). The shapes ones are the demo's (docs/
+# results.md, 2026-11-26 and 27); the Fashion-MNIST ones its recipe's (docs/results.md, 2026-11-27:
+# a sweep of nine BiART variants on an H100, then the CPU): a narrower, 4-head BiART at batch 64
+# trained mostly image->text, captions at temperature 0.25, drawings unguided.
+BY_DATA = dict(
+    ml_steps=(100, 600), sl_steps=(700, 1500), sl_warmdown=(200, 400),
+    gpt_steps=(1600, 6000), gpt_lr=(2e-3, 3e-3), gpt_warmdown=(600, 2000), gpt_ref_weight=(0.2, 0.05),
+    gpt_t2i_share=(0.667, 0.25), gpt_n_embd=(256, 128), gpt_n_head=(8, 4), gpt_batch_size=(32, 64),
+    eval_limit=(200, 0), caption_candidates=(8, 4), image_candidates=(16, 8),
+    top_k=(8, 0), guidance=(1.75, 1.0),
+)
+ONLY = {"shapes": ("num_objects", "vae_recolour", "train_size"),  # flags that mean nothing for the other data
+        "fashion-mnist": ("fashion_root", "per_class", "caption_temperature")}
 
-FLAGS = dict(  # name: (default, help); each is the flag --name (underscores become dashes)
+FLAGS = dict(  # name: (default, help[, type]); each is the flag --name (underscores become dashes)
+    data=("shapes", "'shapes': the built-in captioned shapes, nothing to download; 'fashion-mnist': Fashion-MNIST's "
+                    "real photos, 10 classes captioned from templates (the idx files in --fashion-root)", DATA),
     out=("out", "output folder for every stage"),
-    num_objects=(1, "objects per image: 1 (the demo's targets) or 2 (with a spatial relation between them)"),
-    codebook_size=(None, "AugVAE codebook size, which is also BiART's image vocabulary (default: the small preset's)", int),
-    ml_steps=(100, "AugVAE-ML training steps (train_vae.py --ml --max-steps)"),
-    sl_steps=(700, "AugVAE-SL fine-tuning steps (train_vae.py --sl --max-steps)"),
-    vae_recolour=(True, "train both AugVAE stages on recoloured images (train_vae.py --recolour): the tokenizer "
-                        "sees every colour/shape pair as pixels, the held-out ones never captioned (BiART never sees "
-                        "them); on the Xeon it lifted held-out exact match from 46.5/62.0 to 67.0/82.0 per cent (captions/"
-                        "drawings) and test from 98.0/93.0 to 100.0/98.0; --no-vae-recolour keeps them out entirely"),
-    sl_warmdown=(200, "AugVAE-SL steps at the end over which the learning rate decays linearly to ~0 (train_vae.py "
-                "--warmdown-steps)"),
-    train_size=(10000, "shapes training images prepare.py encodes for BiART"),
-    val_size=(256, "shapes validation images evaluated by each training stage"),
+    num_objects=(1, "shapes: objects per image: 1 (the demo's targets) or 2 (with a spatial relation between them)"),
+    fashion_root=(data.FASHION_ROOT, "fashion-mnist: the folder of the idx files (apt-get install dataset-fashion-mnist)"),
+    codebook_size=(None, "AugVAE codebook size, which is also BiART's image vocabulary (default: the preset's)", int),
+    ml_steps=(None, "AugVAE-ML training steps (train_vae.py --ml --max-steps)", int),
+    sl_steps=(None, "AugVAE-SL fine-tuning steps (train_vae.py --sl --max-steps)", int),
+    vae_recolour=(True, "shapes: train both AugVAE stages on recoloured images (train_vae.py --recolour): the "
+                        "tokenizer sees every colour/shape pair as pixels, the held-out ones never captioned (BiART "
+                        "never sees them); on the Xeon it lifted held-out exact match from 46.5/62.0 to 67.0/82.0 per "
+                        "cent (captions/drawings) and test from 98.0/93.0 to 100.0/98.0; --no-vae-recolour keeps "
+                        "them out entirely"),
+    sl_warmdown=(None, "AugVAE-SL steps at the end over which the learning rate decays linearly to ~0 (train_vae.py "
+                       "--warmdown-steps)", int),
+    train_size=(10000, "shapes: training images prepare.py encodes for BiART (fashion-mnist: the 60,000 less the "
+                       "1 in 100 held out for validation)"),
+    val_size=(256, "validation images evaluated by each AugVAE stage (shapes: also by BiART)"),
     bpe_vocab=(600, "vocabulary size of the BPE learned from the training captions"),
-    gpt_steps=(1600, "BiART training steps (train_gpt.py --max-steps)"),
-    gpt_lr=(2e-3, "BiART learning rate"),
-    gpt_warmdown=(600, "BiART steps at the end over which the learning rate decays linearly to ~0 (train_gpt.py "
-                 "--warmdown-steps)"),
-    gpt_ref_weight=(0.2, "loss weight of each condition ([REF]) token against a target token's 1 (train_gpt.py "
-                   "--ref-weight): the paper's 1 lets the 64 image tokens of an image->text sequence outweigh its "
-                   "caption; 0.2 learns captions faster in the demo's budget and still models the images"),
-    gpt_t2i_share=(0.667, "share of the BiART steps in text->image order (train_gpt.py --t2i-share): the paper's 0.5 "
-                  "alternates; 2/3 gives drawing two steps in three, as captions are learned sooner"),
+    gpt_steps=(None, "BiART training steps (train_gpt.py --max-steps)", int),
+    gpt_lr=(None, "BiART learning rate", float),
+    gpt_warmdown=(None, "BiART steps at the end over which the learning rate decays linearly to ~0 (train_gpt.py "
+                        "--warmdown-steps)", int),
+    gpt_ref_weight=(None, "loss weight of each condition ([REF]) token against a target token's 1 (train_gpt.py "
+                          "--ref-weight): the paper's 1 lets the 64 image tokens of an image->text sequence outweigh "
+                          "its caption; less learns captions faster in a small budget and still models the images",
+                    float),
+    gpt_t2i_share=(None, "share of the BiART steps in text->image order (train_gpt.py --t2i-share): the paper's 0.5 "
+                         "alternates; shapes draws two steps in three, as its captions are learned sooner; "
+                         "Fashion-MNIST captions one step in four", float),
+    gpt_n_layer=(4, "BiART transformer blocks"),
+    gpt_n_embd=(None, "BiART width", int),
+    gpt_n_head=(None, "BiART attention heads", int),
+    gpt_batch_size=(None, "BiART sequences per step", int),
     dtype=("auto", "autocast dtype of both training stages: float32, bfloat16, or auto = bfloat16 on a GPU that has it; "
           "on a CPU, bfloat16 where a probe of a few seconds (runtime.cpu_bf16_speedup) measures a bf16 training step "
           f"over {BF16_MARGIN}x as fast as fp32, else float32; the choice and the figure go to results.json"),
     text_len=(None, "BiART text length in tokens incl. end-of-text (default: the longest training caption's + 3: "
                     "the end-of-text and 2 to spare)", int),
-    eval_limit=(200, "test and held-out images evaluated in each direction"),
-    caption_candidates=(8, "captions sampled per image and reranked by log p(image | caption)"),
-    image_candidates=(16, "images sampled per caption and reranked by log p(caption | image)"),
-    temperature=(0.5, "sampling temperature in both directions"),
-    top_k=(8, "sampling top-k in both directions"),
-    guidance=(1.75, "text->image guidance scale (sample.py --guidance): each image token is sampled from "
-             "uncond + S x (cond - uncond) logits, uncond being BiART's image model with no caption (the "
-             "condition part of its image->text order); 1 is the paper's plain sampling"),
+    eval_limit=(None, "images captioned and captions drawn per evaluated split (fashion-mnist: test images "
+                      "captioned, 0 = all 10,000)", int),
+    per_class=(100, "fashion-mnist: images drawn per class from the held-out paraphrases"),
+    caption_candidates=(None, "captions sampled per image and reranked by log p(image | caption)", int),
+    image_candidates=(None, "images sampled per caption and reranked by log p(caption | image)", int),
+    temperature=(0.5, "sampling temperature (shapes: both directions; fashion-mnist: drawings)"),
+    caption_temperature=(0.25, "fashion-mnist: the captions' sampling temperature"),
+    top_k=(None, "sampling top-k in both directions (0: off)", int),
+    guidance=(None, "text->image guidance scale (sample.py --guidance): each image token is sampled from "
+                    "uncond + S x (cond - uncond) logits, uncond being BiART's image model with no caption (the "
+                    "condition part of its image->text order); 1 is the paper's plain sampling", float),
     ckpt_every=(100, "steps between training checkpoints"),
     seed=(0, "seed of every stage"),
 )
+for _name, _pair in BY_DATA.items():  # the help says what None stands for
+    _default, _text, *_kind = FLAGS[_name]
+    FLAGS[_name] = (_default, f"{_text} (default: {_pair[0]} for shapes, {_pair[1]} for fashion-mnist)", *_kind)
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    p = runtime.ArgumentParser(description="Train and evaluate the whole L-Verse pipeline on the built-in shapes.",
-                            argument_default=argparse.SUPPRESS if suppress else None)
+    p = runtime.ArgumentParser(description="Train and evaluate the whole L-Verse pipeline, on the built-in shapes "
+                                           "or on Fashion-MNIST.",
+                               argument_default=argparse.SUPPRESS if suppress else None)
     runtime.add_flags(p, FLAGS, suppress)
     return p
+
+
+def settings(argv: list) -> dict:
+    """The command line -> every setting, the --data defaults filled in; a ValueError for a flag
+    out of range or one that means nothing for this --data, before any stage runs."""
+    cfg = runtime.parse_flags(build_parser, argv)
+    which = DATA.index(cfg["data"])
+    for name, pair in BY_DATA.items():
+        if cfg[name] is None:
+            cfg[name] = pair[which]
+    for other, names in ONLY.items():
+        wrong = [n for n in names if n in cfg["_given"] and other != cfg["data"]]
+        if wrong:
+            raise ValueError(f"--{wrong[0].replace('_', '-')} is for --data {other}, not {cfg['data']}")
+    if cfg["num_objects"] not in (1, 2):
+        raise ValueError(f"--num-objects must be 1 or 2, got {cfg['num_objects']}")
+    runtime.require_nonnegative(cfg, ("sl_warmdown", "gpt_warmdown", "gpt_ref_weight", "eval_limit"))
+    if not 0 < cfg["gpt_t2i_share"] < 1:
+        raise ValueError(f"--gpt-t2i-share must be between 0 and 1, got {cfg['gpt_t2i_share']}")
+    sample.check_guidance(cfg["guidance"])
+    if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {cfg['dtype']!r}")
+    if cfg["data"] == "fashion-mnist":  # the idx files, read now: a missing one is one line, not minutes in
+        for split in ("train", "test"):
+            data.read_fashion_mnist(cfg["fashion_root"], split)
+    return cfg
 
 
 def _finished_step(path: str) -> int:
@@ -101,8 +164,7 @@ def _finished_step(path: str) -> int:
 def longest_caption(jsonl: str, bpe: str) -> int:
     """Tokens in the longest caption of a prepare.py split file."""
     tok = tokenizer.Tokenizer(bpe)
-    with open(jsonl, encoding="utf-8") as f:
-        return max(len(tok.encode(c)) for line in f for c in json.loads(line)["captions"])
+    return max(len(tok.encode(c)) for c in tokenizer.read_captions(jsonl))
 
 
 def train(script, flags: list, out: str, steps: int, log) -> None:
@@ -117,18 +179,44 @@ def train(script, flags: list, out: str, steps: int, log) -> None:
     script.main([*flags, "--out", out, "--max-steps", str(steps), *resume])
 
 
+def showcase(cfg: dict, folder: str) -> tuple:
+    """Four images and four captions no stage trained on, as a user would bring them: the images
+    saved as PNGs in `folder` -> (folder, the captions)."""
+    os.makedirs(folder, exist_ok=True)
+    if cfg["data"] == "shapes":
+        for i in range(4):
+            ex = shapes.shapes_example(i, "heldout", 64, cfg["num_objects"])
+            sample.Image.fromarray(ex.image).save(os.path.join(folder, f"heldout_{i}.png"))
+        return folder, [shapes.shapes_example(100 + i, "heldout", 64, cfg["num_objects"]).captions[0]
+                        for i in range(4)]
+    pixels, labels = data.read_fashion_mnist(cfg["fashion_root"], "test")
+    for i in range(4):
+        data.fashion_image(pixels[i]).save(os.path.join(folder, f"test_{i}_{labels[i]}.png"))
+    classes = np.random.default_rng(cfg["seed"]).choice(len(data.FASHION_CLASSES), 4, replace=False)
+    return folder, [data.fashion_caption(int(c), data.FASHION_HELDOUT_TEMPLATES[k])
+                    for k, c in enumerate(classes)]
+
+
+def headline(cfg: dict, res: dict) -> dict:
+    """The figures a reader looks for first, self-reranked with the first sample beside them."""
+    if cfg["data"] == "shapes":
+        test = res["test"]
+        return {"caption_exact_match": test["i2t"]["self"]["exact"], "image_exact_match": test["t2i"]["self"]["exact"],
+                "caption_exact_match_first_sample": test["i2t"]["none"]["exact"],
+                "image_exact_match_first_sample": test["t2i"]["none"]["exact"]}
+    i2t, t2i = res["i2t"], res["t2i"]
+    return {"caption_accuracy": i2t["self"]["accuracy"], "image_accuracy": t2i["self"]["accuracy"],
+            "caption_accuracy_first_sample": i2t["none"]["accuracy"],
+            "image_accuracy_first_sample": t2i["none"]["accuracy"],
+            "image_fd": t2i["self"]["fd"], "image_diversity": t2i["self"]["diversity"],
+            "judge_accuracy_on_real_test_images": res["classifier"]["test_accuracy"],
+            "judge_accuracy_on_reconstructions": res["classifier"]["reconstructions_accuracy"]}
+
+
 def main(argv: list | None = None) -> dict:
-    cfg = runtime.parse_flags(build_parser, sys.argv[1:] if argv is None else argv)
-    if cfg["num_objects"] not in (1, 2):
-        raise ValueError(f"--num-objects must be 1 or 2, got {cfg['num_objects']}")
-    runtime.require_nonnegative(cfg, ("sl_warmdown", "gpt_warmdown", "gpt_ref_weight"))  # before any stage, not minutes in
-    if not 0 < cfg["gpt_t2i_share"] < 1:
-        raise ValueError(f"--gpt-t2i-share must be between 0 and 1, got {cfg['gpt_t2i_share']}")
-    sample.check_guidance(cfg["guidance"])
-    dtype, speedup = cfg["dtype"], None
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    out = cfg["out"]
+    cfg = settings(sys.argv[1:] if argv is None else argv)
+    shapes_data = cfg["data"] == "shapes"
+    out, dtype, speedup = cfg["out"], cfg["dtype"], None
     demo = os.path.join(out, "demo")
     os.makedirs(demo, exist_ok=True)
     seed, every = str(cfg["seed"]), str(cfg["ckpt_every"])
@@ -157,37 +245,43 @@ def main(argv: list | None = None) -> dict:
         runtime.write_json(timings_path, timings)
         log(f"{name}: {timings[name]:.0f} s")
 
-    objects = ["--num-objects", str(cfg["num_objects"])]
+    if shapes_data:
+        source = ["--num-objects", str(cfg["num_objects"])]  # train_vae's and prepare's --data / --source default
+        vae_data = [*source, *(["--recolour"] if cfg["vae_recolour"] else [])]
+    else:
+        source = ["--source", "fashion-mnist", "--fashion-root", cfg["fashion_root"]]
+        vae_data = ["--data", "fashion-mnist", "--fashion-root", cfg["fashion_root"]]
+    preset = [] if shapes_data else ["--preset", "fashion"]  # ML only: SL takes the model from its --init
     val = ["--val-size", str(cfg["val_size"])]
     amp = ["--dtype", dtype]
     codebook = [] if cfg["codebook_size"] is None else ["--codebook-size", str(cfg["codebook_size"])]
-    recolour = ["--recolour"] if cfg["vae_recolour"] else []
     vae_ml, vae_sl = os.path.join(out, "vae_ml"), os.path.join(out, "vae_sl")
-    stage("vae_ml", lambda: train(train_vae, ["--ml", *objects, *val, *amp, *codebook, *recolour,
+    stage("vae_ml", lambda: train(train_vae, ["--ml", *preset, *vae_data, *val, *amp, *codebook,
                                               "--seed", seed, "--ckpt-every", every,
                                               "--eval-every", every], vae_ml, cfg["ml_steps"], log))
-    stage("vae_sl", lambda: train(train_vae, ["--sl", "--init", os.path.join(vae_ml, "best.pt"), *objects, *val, *amp,
-                                              *recolour,
+    stage("vae_sl", lambda: train(train_vae, ["--sl", "--init", os.path.join(vae_ml, "best.pt"), *vae_data, *val, *amp,
                                               "--warmdown-steps", str(min(cfg["sl_warmdown"], cfg["sl_steps"])),
                                               "--seed", seed, "--ckpt-every", every,
                                               "--eval-every", str(cfg["sl_steps"])],  # one evaluation, at the end
                                   vae_sl, cfg["sl_steps"], log))
     tokens = os.path.join(out, "tokens")
-    stage("prepare", lambda: prepare.main(["--vae", os.path.join(vae_sl, "best.pt"), "--out", tokens, *objects, *val,
-                                           "--train-size", str(cfg["train_size"]), "--test-size", "0", "--heldout-size", "0",
+    sizes = (["--train-size", str(cfg["train_size"]), "--test-size", "0", "--heldout-size", "0", *val]
+             if shapes_data else [])
+    stage("prepare", lambda: prepare.main(["--vae", os.path.join(vae_sl, "best.pt"), "--out", tokens, *source, *sizes,
                                            "--seed", seed]))
-    bpe = os.path.join(out, "bpe_shapes.txt.gz")
+    bpe = os.path.join(out, "bpe_shapes.txt.gz" if shapes_data else "bpe_fashion.txt.gz")
 
     def learn_bpe():
-        captions = os.path.join(out, "train_captions.txt")
-        with open(os.path.join(tokens, "train.jsonl"), encoding="utf-8") as f:
-            runtime.write_text(captions, "".join(c + "\n" for line in f for c in json.loads(line)["captions"]))
         subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.py"),
-                        "train", captions, "--vocab-size", str(cfg["bpe_vocab"]), "--out", bpe], check=True)
+                        "train", os.path.join(tokens, "train.jsonl"), "--vocab-size", str(cfg["bpe_vocab"]),
+                        "--out", bpe], check=True)
     stage("bpe", lambda: None if os.path.exists(bpe) else learn_bpe())
     gpt = os.path.join(out, "gpt")
     text_len = cfg["text_len"] or longest_caption(os.path.join(tokens, "train.jsonl"), bpe) + 3
     stage("gpt", lambda: train(train_gpt, ["--tokens", tokens, "--bpe", bpe, "--text-len", str(text_len),
+                                           "--n-layer", str(cfg["gpt_n_layer"]), "--n-embd", str(cfg["gpt_n_embd"]),
+                                           "--n-head", str(cfg["gpt_n_head"]),
+                                           "--batch-size", str(cfg["gpt_batch_size"]),
                                            "--bpe-dropout", "0", "--lr", str(cfg["gpt_lr"]), "--seed", seed,
                                            "--warmdown-steps", str(min(cfg["gpt_warmdown"], cfg["gpt_steps"])),
                                            "--ref-weight", str(cfg["gpt_ref_weight"]),
@@ -196,45 +290,57 @@ def main(argv: list | None = None) -> dict:
                                    gpt, cfg["gpt_steps"], log))
 
     models = ["--vae", os.path.join(vae_sl, "best.pt"), "--gpt", os.path.join(gpt, "ckpt.pt")]
-    sampling = ["--temperature", str(cfg["temperature"]), "--top-k", str(cfg["top_k"]),
-                "--guidance", str(cfg["guidance"])]
+    drawing = ["--temperature", str(cfg["temperature"]), "--top-k", str(cfg["top_k"]),
+               "--guidance", str(cfg["guidance"])]
     res = {}
-    stage("evaluate", lambda: res.update(evaluate.main([
-        "shapes", *models, *sampling, *objects, "--limit", str(cfg["eval_limit"]), "--splits", "test,heldout",
-        "--caption-candidates", str(cfg["caption_candidates"]), "--image-candidates", str(cfg["image_candidates"]),
-        "--seed", seed, "--json", os.path.join(demo, "shapes.json")])))
 
-    def show():  # a few held-out images captioned and held-out captions drawn, as a user would
-        image_dir = os.path.join(demo, "heldout_images")
-        os.makedirs(image_dir, exist_ok=True)
-        captions = []
-        for i in range(4):
-            ex = shapes.shapes_example(i, "heldout", 64, cfg["num_objects"])
-            sample.Image.fromarray(ex.image).save(os.path.join(image_dir, f"heldout_{i}.png"))
-            captions.append(shapes.shapes_example(100 + i, "heldout", 64, cfg["num_objects"]).captions[0])
-        texts = os.path.join(demo, "heldout_captions.txt")
+    def evaluation():
+        if shapes_data:
+            res.update(evaluate.main([
+                "shapes", *models, *drawing, *source, "--limit", str(cfg["eval_limit"]), "--splits", "test,heldout",
+                "--caption-candidates", str(cfg["caption_candidates"]),
+                "--image-candidates", str(cfg["image_candidates"]), "--seed", seed,
+                "--json", os.path.join(demo, "shapes.json")]))
+            return
+        common = ["fashion", *models, "--fashion-root", cfg["fashion_root"], "--seed", seed,
+                  "--classifier", os.path.join(demo, "fashion_classifier.pt"), "--top-k", str(cfg["top_k"])]
+        captions = evaluate.main([*common, "--directions", "i2t", "--limit", str(cfg["eval_limit"]),
+                                  "--temperature", str(cfg["caption_temperature"]),
+                                  "--caption-candidates", str(cfg["caption_candidates"]),
+                                  "--json", os.path.join(demo, "fashion_i2t.json")])
+        drawings = evaluate.main([*common, "--directions", "t2i", "--per-class", str(cfg["per_class"]),
+                                  "--temperature", str(cfg["temperature"]), "--guidance", str(cfg["guidance"]),
+                                  "--image-candidates", str(cfg["image_candidates"]), "--out", demo,
+                                  "--json", os.path.join(demo, "fashion_t2i.json")])
+        res.update(classifier=captions["classifier"], i2t=captions["i2t"], t2i=drawings["t2i"])
+    stage("evaluate", evaluation)
+
+    def show():
+        images, captions = showcase(cfg, os.path.join(demo, "unseen_images"))
+        texts = os.path.join(demo, "unseen_captions.txt")
         runtime.write_text(texts, "".join(c + "\n" for c in captions))
-        sample.main([*models, *sampling, "--images", image_dir, "--texts", texts,
+        sample.main([*models, *drawing, "--images", images, "--texts", texts,
                      "--keep", str(min(4, cfg["image_candidates"])),
                      "--num-candidates", str(cfg["image_candidates"]), "--seed", seed, "--out", demo])
     stage("sample", show)
 
     seconds = sum(timings.values())
-    test = res["test"]
     results = {
-        "caption_exact_match": test["i2t"]["self"]["exact"],
-        "image_exact_match": test["t2i"]["self"]["exact"],
+        **headline(cfg, res),
         "seconds": seconds,
-        "num_objects": cfg["num_objects"],
+        "data": cfg["data"],
+        "num_objects": cfg["num_objects"] if shapes_data else None,
         "stage_seconds": timings,
-        "shapes": res,
+        ("shapes" if shapes_data else "fashion"): res,
         "machine": {**runtime.machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                     "dtype": dtype, "bf16_speedup_measured": speedup},
         "settings": {k: v for k, v in cfg.items() if k != "_given"},
     }
     runtime.write_json(os.path.join(demo, "results.json"), results)
-    log(f"done in {seconds / 60:.1f} min: caption exact match {results['caption_exact_match']:.1%}, "
-        f"image exact match {results['image_exact_match']:.1%} (test split, self-reranked); "
+    what = ("caption exact match {:.1%}, image exact match {:.1%} (test split, self-reranked)" if shapes_data else
+            "captions name the class of {:.1%} of the test images, drawings judged the asked class {:.1%} "
+            "(self-reranked)")
+    log(f"done in {seconds / 60:.1f} min: {what.format(*list(results.values())[:2])}; "
         f"{os.path.join(demo, 'results.json')}")
     return results
 

@@ -62,8 +62,6 @@ def kill_points(log_text: str, warmdown_from: int) -> dict:
 
 # --- the tiny pipeline several test files share --------------------------------------------
 
-import json  # noqa: E402
-
 import augvae  # noqa: E402
 import runtime  # noqa: E402
 import data  # noqa: E402
@@ -96,11 +94,8 @@ def tiny_tokens(tmp_path_factory):
     tokens = folder / "tokens"
     prepare.main(["--vae", str(vae), "--out", str(tokens), "--train-size", "64", "--val-size", "8",
                   "--test-size", "0", "--heldout-size", "0", "--crops", "1", "--chunk-size", "32"])
-    captions = folder / "captions.txt"
-    with open(tokens / "train.jsonl") as f:
-        captions.write_text("".join(c + "\n" for line in f for c in json.loads(line)["captions"]))
     bpe = folder / "bpe.txt.gz"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", str(captions),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", str(tokens / "train.jsonl"),
                         "--vocab-size", "600", "--out", str(bpe)], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     return tokens, bpe, vae

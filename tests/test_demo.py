@@ -89,3 +89,66 @@ def test_bad_flag_is_a_one_line_error(args, message, tmp_path, capsys):
 def test_bad_flag_from_the_shell(tmp_path):
     r = run(["--num-objects", "3", "--out", str(tmp_path)])
     assert r.returncode == 2 and r.stderr.strip() == "demo.py: error: --num-objects must be 1 or 2, got 3", r.stderr
+
+
+# --- --data fashion-mnist: the real-image pipeline in one command, on fake idx files ----------------
+
+FASHION_TOY = ["--data", "fashion-mnist", "--ml-steps", "2", "--sl-steps", "2", "--gpt-steps", "2", "--val-size", "8",
+               "--eval-limit", "6", "--per-class", "2", "--caption-candidates", "2", "--image-candidates", "2",
+               "--ckpt-every", "1", "--dtype", "float32"]
+
+
+def test_fashion_demo_runs_every_stage_then_resumes_as_a_no_op(tmp_path):
+    from test_fashion import write_fashion
+    root = write_fashion(tmp_path / "idx")
+    out = tmp_path / "out"
+    args = [*FASHION_TOY, "--fashion-root", str(root), "--out", str(out)]
+    r = run(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "demo" / "results.json").read_text())
+    assert set(res["stage_seconds"]) == {"vae_ml", "vae_sl", "prepare", "bpe", "gpt", "evaluate", "sample"}
+    assert res["data"] == "fashion-mnist" and res["settings"]["gpt_steps"] == 2
+    vae = json.loads((out / "vae_ml" / "config.json").read_text())
+    assert vae["train"]["data"] == "fashion-mnist" and vae["model"]["image_size"] == 32  # the fashion preset
+    gpt = json.loads((out / "gpt" / "config.json").read_text())
+    assert (gpt["model"]["n_embd"], gpt["model"]["n_head"], gpt["train"]["batch_size"]) == (128, 4, 64)
+    for path in ("tokens/train.npy", "bpe_fashion.txt.gz", "demo/fashion_classifier.pt", "demo/t2i_self.png",
+                 "demo/t2i_none.png", "demo/real.png", "demo/results.jsonl", "demo/i2t_grid.png"):
+        assert (out / path).exists(), path
+    # the headline figures are evaluate.py's own on these models, settings and seed
+    i2t = json.loads((out / "demo" / "fashion_i2t.json").read_text())
+    t2i = json.loads((out / "demo" / "fashion_t2i.json").read_text())
+    assert i2t["i2t"]["images"] == 6 and i2t["settings"]["temperature"] == 0.25 and t2i["settings"]["temperature"] == 0.5
+    assert res["caption_accuracy"] == i2t["i2t"]["self"]["accuracy"]
+    assert res["caption_accuracy_first_sample"] == i2t["i2t"]["none"]["accuracy"]
+    assert res["image_accuracy"] == t2i["t2i"]["self"]["accuracy"] and res["image_fd"] == t2i["t2i"]["self"]["fd"]
+    assert res["fashion"]["t2i"]["per_class_images"] == 2
+    shown = [json.loads(line) for line in (out / "demo" / "results.jsonl").read_text().splitlines()]
+    assert [row["direction"] for row in shown] == ["i2t"] * 4 + ["t2i"] * 4
+    assert "captions name the class of" in r.stdout
+
+    r = run(args)  # as after a kill at the end: everything trained is kept, the judge loaded
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("vae_ml", "vae_sl", "gpt"):
+        assert f"{stage}: already trained" in r.stdout
+    assert "already prepared" in r.stdout and "judging classifier (loaded" in r.stdout
+    again = json.loads((out / "demo" / "results.json").read_text())
+    assert again["caption_accuracy"] == res["caption_accuracy"] and again["image_fd"] == res["image_fd"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "fashion-mnist", "--num-objects", "2"], "--num-objects is for --data shapes, not fashion-mnist"),
+    (["--data", "fashion-mnist", "--no-vae-recolour"], "--vae-recolour is for --data shapes, not fashion-mnist"),
+    (["--per-class", "5"], "--per-class is for --data fashion-mnist, not shapes"),
+])
+def test_flag_for_the_other_data_is_refused(args, message, tmp_path, capsys):
+    code, _, err = cli(lambda: demo.main([*args, "--out", str(tmp_path)]), capsys, "demo.py")
+    assert code == 2 and err.strip() == f"demo.py: error: {message}", err[-2000:]
+
+
+def test_missing_fashion_files_name_the_file_and_the_package(tmp_path):
+    r = run(["--data", "fashion-mnist", "--fashion-root", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, r.stderr[-2000:]
+    assert "train-images-idx3-ubyte" in err and "apt-get install dataset-fashion-mnist" in err, err
+    assert not (tmp_path / "out" / "vae_ml").exists()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import augvae
 import data
 import runtime
 import shapes
@@ -125,6 +126,7 @@ def test_bad_files_are_one_line_errors(name, tmp_path):
     with pytest.raises(data.ImageError, match=re.escape(message)) as e:
         data.read_fashion_mnist(str(root), "test")
     assert "\n" not in str(e.value) and str(root) in str(e.value)
+    assert "apt-get install --reinstall dataset-fashion-mnist" in str(e.value) or name == "missing"
     assert data.read_fashion_mnist(str(root), "train")[0].shape == (N_TRAIN, 28, 28)  # the other split is fine
 
 
@@ -278,6 +280,14 @@ def test_evaluate_fashion_end_to_end(models, fashion_root, tmp_path, capsys, mon
     preds, real_feats = metrics.classify(model, metrics.fashion_batch(test_pixels))
     assert clf["trained_now"] and clf["test_accuracy"] == float((preds.numpy() == test_labels).mean())
     assert clf["void"] == (clf["test_accuracy"] < 0.9) and clf["void"] == ("VOID" in stdout)
+    with torch.no_grad():  # the judge on the first 12 test images after AugVAE-SL, as saved 8-bit images
+        x = metrics.fashion_batch(test_pixels[:12]).expand(-1, 3, -1, -1)
+        sl = augvae.load(vae)
+        back = sl.decode(sl.encode(x)).clamp(-1, 1)
+        back = ((back + 1) * 127.5).round() / 127.5 - 1
+    recon_preds, _ = metrics.classify(model, back)
+    assert clf["reconstructions_accuracy"] == float((recon_preds.numpy() == test_labels[:12]).mean())
+    assert f"the judge reads {100 * clf['reconstructions_accuracy']:.1f}% of the AugVAE-SL reconstructions" in stdout
 
     i2t, truth = res["i2t"], np.bincount(test_labels[:12], minlength=10)
     for r in ("none", "self"):

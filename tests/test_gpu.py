@@ -226,11 +226,8 @@ def tokens(work, world, vae_sl):
 @pytest.fixture(scope="module")
 def bpe(work, tokens):
     """`python tokenizer.py train` on the training captions prepare.py wrote."""
-    with open(tokens / "train.jsonl") as f:
-        caps = "".join(c + "\n" for line in f for c in json.loads(line)["captions"])
-    (work / "captions.txt").write_text(caps)
     out = work / "bpe.txt.gz"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", str(work / "captions.txt"),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", str(tokens / "train.jsonl"),
                         "--vocab-size", "600", "--out", str(out)], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-1000:]
     return out

@@ -3,6 +3,7 @@
 import gzip
 import html
 import os
+import json
 import pickle
 import random
 import subprocess
@@ -355,6 +356,23 @@ def test_cli_train_and_bpe_flag(tmp_path):
     assert r.returncode == 0, r.stderr
     ids = Tokenizer(out).encode("a cat")
     assert f"ids ({len(ids)}): {ids}" in r.stdout
+
+
+def test_train_from_a_prepare_split_file_equals_its_captions_as_lines(tmp_path):
+    records = [{"captions": list(TINY_CORPUS[i:i + 3])} for i in range(0, len(TINY_CORPUS), 3)]
+    split = tmp_path / "train.jsonl"
+    split.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    lines = tmp_path / "captions.txt"
+    lines.write_text("".join(c + "\n" for r in records for c in r["captions"]), encoding="utf-8")
+    assert tokenizer.read_captions(str(split)) == tokenizer.read_captions(str(lines)) == list(TINY_CORPUS)
+    for src in (split, lines):
+        r = run_cli("train", str(src), "--vocab-size", "560", "--out", str(tmp_path / f"{src.stem}.txt.gz"))
+        assert r.returncode == 0, r.stderr
+    assert gzip.decompress((tmp_path / "train.txt.gz").read_bytes()) == \
+        gzip.decompress((tmp_path / "captions.txt.gz").read_bytes())
+    split.write_text('{"captions": ["a cat"]}\n["a dog"]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train.jsonl line 2: not a prepare.py record"):
+        tokenizer.read_captions(str(split))
 
 
 @pytest.mark.parametrize("args,message", [
