@@ -2,7 +2,7 @@
 The whole L-Verse pipeline in one command, timed and measured (the README's main job): on the
 built-in captioned shapes (nothing to download), or on Fashion-MNIST's real photos.
 
-    python demo.py                         # out/: vae_ml, vae_sl, tokens, bpe.txt.gz, gpt, demo
+    python demo.py                         # out/: vae_ml, vae_sl, tokens, bpe_shapes.txt.gz, gpt, demo
     python demo.py --num-objects 2 --out out2    # the harder two-object setting
     python demo.py --data fashion-mnist --out out/fashion   # real images (apt-get install dataset-fashion-mnist)
 
