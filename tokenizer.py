@@ -26,7 +26,6 @@ import gzip
 import hashlib
 import heapq
 import html
-import json
 import operator
 import os
 import random
@@ -318,25 +317,6 @@ def show_encoding(tok: Tokenizer, text: str, dropout: float, seed: int) -> None:
     print(f"ids ({len(ids)}): {ids}")
 
 
-def read_captions(path: str) -> list:
-    """The captions to learn a BPE from: a text file's non-blank lines, or, from a .jsonl file
-    (prepare.py's {split}.jsonl), each line's "captions" in order."""
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().split("\n") if line.strip()]
-    if not path.endswith(".jsonl"):
-        return lines
-    captions = []
-    for n, line in enumerate(lines, 1):
-        try:
-            got = json.loads(line)["captions"]
-            if not isinstance(got, list) or not all(isinstance(c, str) for c in got):
-                raise TypeError
-            captions.extend(got)
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path} line {n}: not a prepare.py record (a JSON object with a \"captions\" list)") from None
-    return captions
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="tokenizer.py", description="CLIP BPE tokenizer for L-Verse's BiART: inspect, train.",
@@ -376,7 +356,12 @@ def main(argv=None) -> None:
             if args.vocab_size < MIN_VOCAB_SIZE:
                 raise ValueError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (512 byte tokens + 2 specials), "
                                  f"got {args.vocab_size}")
-            captions = read_captions(args.captions)
+            if args.captions.endswith(".jsonl"):  # prepare.py's {split}.jsonl: every caption of every image
+                import data  # its reader of that format; imported here, so the library stays light
+                captions = [c for caps in data.CaptionLines([args.captions]) for c in caps]
+            else:
+                with open(args.captions, encoding="utf-8") as f:
+                    captions = [line for line in f.read().split("\n") if line.strip()]
             if not captions:
                 raise ValueError(f"{args.captions} holds no captions")
             merges = train_bpe(captions, args.vocab_size)
