@@ -145,7 +145,13 @@ def settings(argv: list) -> dict:
     runtime.require_nonnegative(cfg, ("sl_warmdown", "gpt_warmdown", "gpt_ref_weight", "eval_limit"))
     if not 0 < cfg["gpt_t2i_share"] < 1:
         raise ValueError(f"--gpt-t2i-share must be between 0 and 1, got {cfg['gpt_t2i_share']}")
-    sample.check_guidance(cfg["guidance"])
+    sample.check_guidance(cfg["guidance"])  # and what evaluate.py and sample.py would refuse only after the training
+    for name in ("temperature", "caption_temperature"):
+        if not cfg[name] > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {cfg[name]}")
+    for name, least in (("caption_candidates", 1), ("image_candidates", 1), ("per_class", 2), ("top_k", 0)):
+        if cfg[name] < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {cfg[name]}")
     if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {cfg['dtype']!r}")
     if cfg["data"] == "fashion-mnist":  # the idx files, read now: a missing one is one line, not minutes in

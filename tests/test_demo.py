@@ -79,6 +79,10 @@ def test_demo_runs_every_stage_then_resumes_as_a_no_op(dtype, tmp_path):
     (["--sl-warmdown", "-5"], "--sl-warmdown must be >= 0, got -5"),
     (["--gpt-t2i-share", "1"], "--gpt-t2i-share must be between 0 and 1, got 1.0"),
     (["--guidance", "-0.5"], "--guidance must be >= 0 (1: off), got -0.5"),
+    (["--temperature", "-1"], "--temperature must be > 0, got -1.0"),
+    (["--data", "fashion-mnist", "--caption-temperature", "0"], "--caption-temperature must be > 0, got 0.0"),
+    (["--image-candidates", "0"], "--image-candidates must be >= 1, got 0"),
+    (["--data", "fashion-mnist", "--per-class", "1"], "--per-class must be >= 2, got 1"),
 ])
 def test_bad_flag_is_a_one_line_error(args, message, tmp_path, capsys):
     code, _, err = cli(lambda: demo.main([*args, "--out", str(tmp_path)]), capsys, "demo.py")
