@@ -340,8 +340,9 @@ def main(argv=None) -> None:
     p = sub.add_parser("train", help="learn a merges file from a text file with one caption per line",
                        description="Learn BPE merges with CLIP's cleanup, pre-tokenizer and byte alphabet; "
                                    "write them gzipped in CLIP's format (a version line, one merge per line).")
-    p.add_argument("captions", help="UTF-8 text file, one caption per line (blank lines are skipped), or a "
-                                    "prepare.py split file (train.jsonl: every caption of every image)")
+    p.add_argument("captions", help="UTF-8 text file, one caption per line (blank lines are skipped), a "
+                                    "prepare.py split file (train.jsonl: every caption of every image), or a "
+                                    "prepare.py folder (its train split, every shard's part)")
     p.add_argument("--vocab-size", type=int, required=True,
                    help=f"ids in the resulting vocabulary, >= {MIN_VOCAB_SIZE} (512 byte tokens + 2 specials)")
     p.add_argument("--out", required=True, help="output path, e.g. bpe.txt.gz")
@@ -356,9 +357,11 @@ def main(argv=None) -> None:
             if args.vocab_size < MIN_VOCAB_SIZE:
                 raise ValueError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (512 byte tokens + 2 specials), "
                                  f"got {args.vocab_size}")
-            if args.captions.endswith(".jsonl"):  # prepare.py's {split}.jsonl: every caption of every image
-                import data  # its reader of that format; imported here, so the library stays light
-                captions = [c for caps in data.CaptionLines([args.captions]) for c in caps]
+            if os.path.isdir(args.captions) or args.captions.endswith(".jsonl"):  # prepare.py's captions
+                import data  # its readers of that format; imported here, so the library stays light
+                paths = [args.captions] if not os.path.isdir(args.captions) else [
+                    os.path.join(args.captions, stem + ".jsonl") for stem in data.split_parts(args.captions, "train")]
+                captions = [c for caps in data.CaptionLines(paths) for c in caps]
             else:
                 with open(args.captions, encoding="utf-8") as f:
                     captions = [line for line in f.read().split("\n") if line.strip()]

@@ -330,6 +330,20 @@ def test_shard_samples_and_held_out(tmp_path):
 # -----------------------------------------------------------------------------------------
 # 3. shards equal jsonl; a `files` folder equals the tar shards
 
+def test_tokenizer_learns_from_a_shard_folder_what_it_learns_from_the_same_captions(prepared, tmp_path):
+    """`tokenizer.py train FOLDER` reads the train split of every shard's part, in order."""
+    shards, jsonl, _ = prepared
+    merges = {}
+    for name, src in (("shards", shards), ("jsonl", jsonl / "train.jsonl")):
+        out = tmp_path / f"{name}.txt.gz"
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "train", str(src), "--vocab-size",
+                            "530", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"{TRAIN_SHARDS * TRAIN_PER} captions" in r.stdout, r.stdout
+        merges[name] = gzip.decompress(out.read_bytes())
+    assert merges["shards"] == merges["jsonl"]
+
+
 def test_shard_tokens_and_captions_equal_jsonl(world, prepared):
     shards, jsonl, meta = prepared
     assert meta == json.loads((shards / "meta.json").read_text())
