@@ -55,11 +55,11 @@ BY_DATA = dict(
     ml_steps=(100, 600), sl_steps=(700, 1500), sl_warmdown=(200, 400),
     gpt_steps=(1600, 6000), gpt_lr=(2e-3, 3e-3), gpt_warmdown=(600, 2000), gpt_ref_weight=(0.2, 0.05),
     gpt_t2i_share=(0.667, 0.25), gpt_n_embd=(256, 128), gpt_n_head=(8, 4), gpt_batch_size=(32, 64),
-    eval_limit=(200, 0), caption_candidates=(8, 4), image_candidates=(16, 8),
-    top_k=(8, 0), guidance=(1.75, 1.0),
+    eval_limit=(200, 0), caption_candidates=(16, 4), image_candidates=(16, 8),
+    caption_temperature=(1.0, 0.25), top_k=(8, 0), guidance=(1.75, 1.0),
 )
 ONLY = {"shapes": ("num_objects", "vae_recolour", "train_size"),  # flags that mean nothing for the other data
-        "fashion-mnist": ("fashion_root", "per_class", "caption_temperature")}
+        "fashion-mnist": ("fashion_root", "per_class")}
 
 FLAGS = dict(  # name: (default, help[, type]); each is the flag --name (underscores become dashes)
     data=("shapes", "'shapes': the built-in captioned shapes, nothing to download; 'fashion-mnist': Fashion-MNIST's "
@@ -106,8 +106,10 @@ FLAGS = dict(  # name: (default, help[, type]); each is the flag --name (undersc
     per_class=(100, "fashion-mnist: images drawn per class from the held-out paraphrases"),
     caption_candidates=(None, "captions sampled per image and reranked by log p(image | caption)", int),
     image_candidates=(None, "images sampled per caption and reranked by log p(caption | image)", int),
-    temperature=(0.5, "sampling temperature (shapes: both directions; fashion-mnist: drawings)"),
-    caption_temperature=(0.25, "fashion-mnist: the captions' sampling temperature"),
+    temperature=(0.5, "the drawings' sampling temperature"),
+    caption_temperature=(None, "the captions' sampling temperature: on shapes 1.0 samples varied candidates, among "
+                               "them the shape an unseen colour/shape pair shows, which the reranker then picks "
+                               "(docs/results.md, 2026-12-07)", float),
     top_k=(None, "sampling top-k in both directions (0: off)", int),
     guidance=(None, "text->image guidance scale (sample.py --guidance): each image token is sampled from "
                     "uncond + S x (cond - uncond) logits, uncond being BiART's image model with no caption (the "
@@ -309,6 +311,7 @@ def main(argv: list | None = None) -> dict:
         if shapes_data:
             res.update(evaluate.main([
                 "shapes", *models, *drawing, *source, "--limit", str(cfg["eval_limit"]), "--splits", "test,heldout",
+                "--caption-temperature", str(cfg["caption_temperature"]),
                 "--caption-candidates", str(cfg["caption_candidates"]),
                 "--image-candidates", str(cfg["image_candidates"]), "--seed", seed,
                 "--json", os.path.join(demo, "shapes.json")]))
@@ -330,7 +333,8 @@ def main(argv: list | None = None) -> dict:
         images, captions = showcase(cfg, os.path.join(demo, "unseen_images"))
         texts = os.path.join(demo, "unseen_captions.txt")
         runtime.write_text(texts, "".join(c + "\n" for c in captions))
-        sample.main([*models, *drawing, "--images", images, "--texts", texts,
+        sample.main([*models, *drawing, "--caption-temperature", str(cfg["caption_temperature"]),
+                     "--images", images, "--texts", texts,
                      "--keep", str(min(4, cfg["image_candidates"])),
                      "--num-candidates", str(cfg["image_candidates"]), "--seed", seed, "--out", demo])
     stage("sample", show)

@@ -167,6 +167,8 @@ def both_ways_flags(caption_candidates: int, top_k: int) -> dict:
                                                 "the cost of captioning grows with this)"),
         image_candidates=(8, "images sampled per caption"),
         **temperature_flags(0.5, top_k),
+        caption_temperature=(None, "image -> text sampling temperature (default: --temperature): more varied "
+                                   "candidates give the reranker more to choose from", float),
         **GUIDANCE_FLAGS,
         seed=(0, "sampling seed"),
     )
@@ -714,12 +716,13 @@ def _mean_matches(matches: list) -> dict:
 def shapes_metrics(sampler: sample.Sampler, split: str = "test", num_objects: int = 1, limit: int = 200,
                    caption_candidates: int = 8, image_candidates: int = 8, temperature: float = 0.5,
                    top_k: int = 8, seed: int = 0, directions=("i2t", "t2i"), group: int = 8,
-                   guidance: float = 1.0) -> dict:
+                   guidance: float = 1.0, caption_temperature: float | None = None) -> dict:
     """Exact attribute accuracy of BiART on the first `limit` examples of a shapes split, per
     attribute and all-correct ('exact'), both for the first sample ('none': no reranking) and
     the self-reranked best ('self') of the same candidates. Image -> text: the caption is
     parsed back (shapes.parse_caption); text -> image: the drawn image is read back by the
-    analyzer (shapes.analyze_image); example i draws its caption number i mod 5."""
+    analyzer (shapes.analyze_image); example i draws its caption number i mod 5. Captions are
+    sampled at caption_temperature (None: temperature)."""
     size = sampler.image_size
     examples = [shapes.shapes_example(i, split, size, num_objects) for i in range(limit)]
     truths = [{"objects": e.objects, "relation": e.relation} for e in examples]
@@ -730,7 +733,8 @@ def shapes_metrics(sampler: sample.Sampler, split: str = "test", num_objects: in
         t0, res, shown = time.time(), {"none": [], "self": []}, []
         for i in tqdm(range(0, limit, group), desc=f"{split} image->text", leave=False, dynamic_ncols=True):
             views = [Image.fromarray(e.image) for e in examples[i:i + group]]
-            for j, cands in enumerate(sampler.caption(sampler.encode_images(views), caption_candidates, **kw)):
+            for j, cands in enumerate(sampler.caption(sampler.encode_images(views), caption_candidates, **{
+                    **kw, "temperature": temperature if caption_temperature is None else caption_temperature})):
                 first, best = cands[0][0], cands[sample.best_first([sc for _, sc in cands])[0]][0]
                 res["none"].append(shapes.match_attributes(shapes.parse_caption(first), truths[i + j]))
                 res["self"].append(shapes.match_attributes(shapes.parse_caption(best), truths[i + j]))
@@ -751,6 +755,14 @@ def shapes_metrics(sampler: sample.Sampler, split: str = "test", num_objects: in
     return out
 
 
+def caption_temperature(args) -> float:
+    """The image -> text sampling temperature of shapes and fashion: --caption-temperature, else --temperature."""
+    t = args.temperature if args.caption_temperature is None else args.caption_temperature
+    if not t > 0:
+        raise ValueError(f"--caption-temperature must be > 0, got {t}")
+    return t
+
+
 def run_shapes(args) -> dict:
     splits = [x for x in args.splits.split(",") if x]
     directions = [x for x in args.directions.split(",") if x]
@@ -763,16 +775,19 @@ def run_shapes(args) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     sample.check_guidance(args.guidance)
+    captions_at = caption_temperature(args)
     s = sample.Sampler(args.vae, args.gpt, args.bpe, str(runtime.resolve_device(args.device)), "auto", args.batch_size)
     results = {"settings": {k: v for k, v in vars(args).items() if k != "json"}}
     for split in splits:
         results[split] = shapes_metrics(s, split, args.num_objects, args.limit, args.caption_candidates,
                                         args.image_candidates, args.temperature, args.top_k, args.seed, directions,
-                                        guidance=args.guidance)
+                                        guidance=args.guidance, caption_temperature=captions_at)
     keys = ["shape", "colour", "size", "position"] + (["relation"] if args.num_objects == 2 else []) + ["exact"]
     print(f"shapes: {args.limit} examples per split, {args.num_objects} object(s); exact = every attribute right; "
           f"candidates {args.caption_candidates} captions / {args.image_candidates} images, "
-          f"temperature {args.temperature}, top-k {args.top_k}")
+          f"temperature {args.temperature}"
+          + ("" if args.caption_temperature is None else f" (captions {args.caption_temperature})")
+          + f", top-k {args.top_k}")
     print(f"  {'split':<8} {'direction':<12} {'rerank':<6} " + " ".join(f"{k:>8}" for k in keys))
     for split in splits:
         for d, label in (("i2t", "image->text"), ("t2i", "text->image")):
@@ -961,6 +976,7 @@ def run_fashion(args) -> dict:
     if args.batch_size < 1 or args.classifier_epochs < 1 or args.grid_columns < 1 or args.temperature <= 0:
         raise ValueError("--batch-size, --classifier-epochs and --grid-columns must be >= 1, --temperature > 0")
     sample.check_guidance(args.guidance)
+    captions_at = caption_temperature(args)
     device = runtime.resolve_device(args.device)
     test_pixels, test_labels = data.read_fashion_mnist(args.fashion_root, "test")
     s = sample.Sampler(args.vae, args.gpt, args.bpe, str(device), "auto", args.batch_size)
@@ -992,12 +1008,13 @@ def run_fashion(args) -> dict:
         print(f"fashion: the judge reads {100 * results['classifier']['reconstructions_accuracy']:.1f}% of the "
               f"AugVAE-SL reconstructions of the first {n} test images right (what the tokens keep of the class)")
         g = torch.Generator(device=s.device).manual_seed(args.seed)
-        res = fashion_i2t(s, test_pixels[:n], test_labels[:n], args.caption_candidates, {**kw, "generator": g},
+        res = fashion_i2t(s, test_pixels[:n], test_labels[:n], args.caption_candidates,
+                          {**kw, "temperature": captions_at, "generator": g},
                           max(1, args.batch_size // args.caption_candidates))
         res["seconds"] = time.time() - t0
         results["i2t"] = res
         print(f"image->text: {n} test images, {args.caption_candidates} captions sampled each "
-              f"(temperature {args.temperature}, top-k {args.top_k}); accuracy = the caption names the image's class")
+              f"(temperature {captions_at}, top-k {args.top_k}); accuracy = the caption names the image's class")
         for r in ("none", "self"):
             print(f"  rerank {r:<4}  accuracy {100 * res[r]['accuracy']:5.1f}%"
                   + (f"  (target {100 * FASHION_TARGETS['caption_accuracy']:.0f}%)" if r == "self" else ""))

@@ -69,6 +69,7 @@ FLAGS = dict(  # name: (default, help); each is the flag --name (underscores bec
            "(keep the first sample)"),
     clip_model=("", "a CLIP TorchScript file for --rerank clip (OpenAI's released ViT-B-32.pt, ViT-L-14.pt, ...)"),
     temperature=(1.0, "sampling temperature (lower: more conservative)"),
+    caption_temperature=(None, "image -> text sampling temperature (default: --temperature)", float),
     top_k=(0, "sample from the k most likely tokens of the target modality (0: no limit)"),
     top_p=(0.0, "nucleus sampling threshold in (0, 1] (0: off)"),
     guidance=(1.0, GUIDANCE_HELP),
@@ -381,8 +382,9 @@ def check_settings(cfg: dict) -> None:
         raise ValueError(f"--rerank must be one of {', '.join(RERANKERS)}, got {cfg['rerank']!r}")
     if (cfg["num_candidates"] or 1) < 1 or cfg["keep"] < 1 or cfg["batch_size"] < 1 or cfg["caption_len"] < 1:
         raise ValueError("--num-candidates, --keep, --batch-size and --caption-len must be >= 1")
-    if cfg["temperature"] <= 0 or cfg["top_k"] < 0 or not 0 <= cfg["top_p"] <= 1:
-        raise ValueError("--temperature must be > 0, --top-k >= 0 and --top-p in [0, 1]")
+    temperatures = [cfg["temperature"]] + ([] if cfg["caption_temperature"] is None else [cfg["caption_temperature"]])
+    if not all(t > 0 for t in temperatures) or cfg["top_k"] < 0 or not 0 <= cfg["top_p"] <= 1:
+        raise ValueError("--temperature and --caption-temperature must be > 0, --top-k >= 0 and --top-p in [0, 1]")
     check_guidance(cfg["guidance"])
 
 
@@ -407,6 +409,8 @@ def main(argv: list | None = None) -> list:
     os.makedirs(cfg["out"], exist_ok=True)
     rows, i2t_rows, t2i_rows, skipped = [], [], [], []
     sample_kw = dict(rerank=cfg["rerank"], temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"])
+    caption_kw = {**sample_kw, "temperature": cfg["temperature"] if cfg["caption_temperature"] is None
+                  else cfg["caption_temperature"]}
     for k, (kind, value) in enumerate(tqdm(items, desc="sampling", disable=not batch, dynamic_ncols=True)):
         g = torch.Generator(device=sampler.device).manual_seed(cfg["seed"])
         try:
@@ -414,7 +418,7 @@ def main(argv: list | None = None) -> list:
                 view = sampler.view(data.load_image(value))
                 n = cfg["num_candidates"] or 16
                 cands = sampler.caption(sampler.encode_images([view]), n, caption_len=cfg["caption_len"],
-                                        generator=g, views=[view], **sample_kw)[0]
+                                        generator=g, views=[view], **caption_kw)[0]
                 cands = [cands[j] for j in best_first([sc for _, sc in cands])]
                 best = cands[0][0]
                 rows.append({"input": value, "direction": "i2t", "caption": best,

@@ -56,6 +56,7 @@ def test_demo_runs_every_stage_then_resumes_as_a_no_op(dtype, tmp_path):
     test = evaluate.main(["shapes", "--vae", str(out / "vae_sl" / "best.pt"), "--gpt", str(out / "gpt" / "ckpt.pt"),
                           "--limit", "2", "--splits", "test", "--caption-candidates", "2", "--image-candidates", "2",
                           "--temperature", str(settings["temperature"]), "--top-k", str(settings["top_k"]),
+                          "--caption-temperature", str(settings["caption_temperature"]),
                           "--guidance", str(settings["guidance"]), "--seed", str(settings["seed"]),
                           "--json", str(tmp_path / "shapes.json")])["test"]
     assert res["caption_exact_match"] == test["i2t"]["self"]["exact"]
@@ -80,7 +81,7 @@ def test_demo_runs_every_stage_then_resumes_as_a_no_op(dtype, tmp_path):
     (["--gpt-t2i-share", "1"], "--gpt-t2i-share must be between 0 and 1, got 1.0"),
     (["--guidance", "-0.5"], "--guidance must be >= 0 (1: off), got -0.5"),
     (["--temperature", "-1"], "--temperature must be > 0, got -1.0"),
-    (["--data", "fashion-mnist", "--caption-temperature", "0"], "--caption-temperature must be > 0, got 0.0"),
+    (["--caption-temperature", "0"], "--caption-temperature must be > 0, got 0.0"),
     (["--image-candidates", "0"], "--image-candidates must be >= 1, got 0"),
     (["--data", "fashion-mnist", "--per-class", "1"], "--per-class must be >= 2, got 1"),
 ])

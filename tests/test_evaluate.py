@@ -264,6 +264,26 @@ def test_shapes_accuracy_matches_a_hand_count(tiny_models, tmp_path):
     assert got["i2t"]["self"]["exact"] == sum(exact) / 5
 
 
+def test_shapes_samples_captions_at_the_caption_temperature(tiny_models):
+    import sample
+    vae, gpt = tiny_models
+    examples = [shapes.shapes_example(i, "test", 32) for i in range(4)]
+
+    def best_captions(**kw):  # by hand, through the library, at one temperature
+        s = sample.Sampler(vae, gpt, device="cpu", batch_size=128)
+        ids = s.encode_images([Image.fromarray(e.image) for e in examples])
+        cands = s.caption(ids, 3, rerank="self", top_k=8, generator=torch.Generator().manual_seed(0), **kw)
+        return [c[sample.best_first([sc for _, sc in c])[0]][0] for c in cands]
+
+    def evaluated(**kw):
+        s = sample.Sampler(vae, gpt, device="cpu", batch_size=128)
+        got = evaluate.shapes_metrics(s, "test", 1, 4, 3, 2, 0.5, 8, 0, directions=("i2t",), **kw)
+        return [e["caption"] for e in got["i2t"]["examples"]]
+    hot = evaluated(caption_temperature=2.0)
+    assert hot == best_captions(temperature=2.0)
+    assert evaluated() == best_captions(temperature=0.5) != hot
+
+
 def test_captions_writes_candidates_and_scores_them(tiny_models, tmp_path):
     vae, gpt = tiny_models
     out, cands = tmp_path / "captions.json", tmp_path / "captions.jsonl"

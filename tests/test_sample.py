@@ -161,6 +161,18 @@ def test_same_seed_same_output_other_seed_or_guidance_differs(trained, tmp_path)
     assert not all(np.array_equal(x, y) for x, y in zip(a, d))
 
 
+def test_caption_temperature_sets_the_image_to_text_direction_alone(trained, tmp_path):
+    scene().save(tmp_path / "scene.png")
+
+    def captions(out, *flags):
+        rows = sample.main([*models(trained), "--image", str(tmp_path / "scene.png"), "--num-candidates", "8",
+                            "--seed", "3", "--out", str(tmp_path / out), *flags])
+        return [c["caption"] for c in rows[0]["candidates"]]
+    cold = captions("a", "--temperature", "0.3")
+    assert captions("b", "--caption-temperature", "0.3", "--temperature", "5") == cold
+    assert captions("c", "--temperature", "5") != cold
+
+
 def test_batch_texts_skip_bad_lines(trained, tmp_path):
     texts = tmp_path / "captions.txt"
     texts.write_text("A small red square.\n\n" + "red " * 200 + "\n\U0001F600\U0001F680\nA large green circle.\n")
@@ -267,6 +279,7 @@ def other_vae(tmp_path_factory):
     ("no_input", "nothing to do"),
     ("bad_rerank", "--rerank must be one of"),
     ("bad_guidance", "--guidance must be >= 0"),
+    ("bad_caption_temperature", "--caption-temperature must be > 0"),
     ("missing_gpt", "no such file"),
 ])
 def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_path, capsys):
@@ -280,6 +293,7 @@ def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_p
         "no_input": models(trained),
         "bad_rerank": [*models(trained), "--text", "a red circle.", "--rerank", "best"],
         "bad_guidance": [*models(trained), "--text", "a red circle.", "--guidance", "nan"],
+        "bad_caption_temperature": [*models(trained), "--text", "a red circle.", "--caption-temperature", "0"],
         "missing_gpt": ["--vae", vae, "--gpt", str(tmp_path / "nope.pt"), "--text", "a red circle."],
     }[case]
     code, _, err = cli(lambda: sample.main([*args, "--out", str(tmp_path / "out")]), capsys, "sample.py")
