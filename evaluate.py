@@ -734,7 +734,7 @@ def shapes_metrics(sampler: sample.Sampler, split: str = "test", num_objects: in
         for i in tqdm(range(0, limit, group), desc=f"{split} image->text", leave=False, dynamic_ncols=True):
             views = [Image.fromarray(e.image) for e in examples[i:i + group]]
             for j, cands in enumerate(sampler.caption(sampler.encode_images(views), caption_candidates, **{
-                    **kw, "temperature": temperature if caption_temperature is None else caption_temperature})):
+                    **kw, "temperature": sample.caption_temperature(temperature, caption_temperature)})):
                 first, best = cands[0][0], cands[sample.best_first([sc for _, sc in cands])[0]][0]
                 res["none"].append(shapes.match_attributes(shapes.parse_caption(first), truths[i + j]))
                 res["self"].append(shapes.match_attributes(shapes.parse_caption(best), truths[i + j]))
@@ -755,14 +755,6 @@ def shapes_metrics(sampler: sample.Sampler, split: str = "test", num_objects: in
     return out
 
 
-def caption_temperature(args) -> float:
-    """The image -> text sampling temperature of shapes and fashion: --caption-temperature, else --temperature."""
-    t = args.temperature if args.caption_temperature is None else args.caption_temperature
-    if not t > 0:
-        raise ValueError(f"--caption-temperature must be > 0, got {t}")
-    return t
-
-
 def run_shapes(args) -> dict:
     splits = [x for x in args.splits.split(",") if x]
     directions = [x for x in args.directions.split(",") if x]
@@ -775,7 +767,7 @@ def run_shapes(args) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     sample.check_guidance(args.guidance)
-    captions_at = caption_temperature(args)
+    captions_at = sample.caption_temperature(args.temperature, args.caption_temperature)
     s = sample.Sampler(args.vae, args.gpt, args.bpe, str(runtime.resolve_device(args.device)), "auto", args.batch_size)
     results = {"settings": {k: v for k, v in vars(args).items() if k != "json"}}
     for split in splits:
@@ -976,7 +968,7 @@ def run_fashion(args) -> dict:
     if args.batch_size < 1 or args.classifier_epochs < 1 or args.grid_columns < 1 or args.temperature <= 0:
         raise ValueError("--batch-size, --classifier-epochs and --grid-columns must be >= 1, --temperature > 0")
     sample.check_guidance(args.guidance)
-    captions_at = caption_temperature(args)
+    captions_at = sample.caption_temperature(args.temperature, args.caption_temperature)
     device = runtime.resolve_device(args.device)
     test_pixels, test_labels = data.read_fashion_mnist(args.fashion_root, "test")
     s = sample.Sampler(args.vae, args.gpt, args.bpe, str(device), "auto", args.batch_size)

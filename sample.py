@@ -382,10 +382,19 @@ def check_settings(cfg: dict) -> None:
         raise ValueError(f"--rerank must be one of {', '.join(RERANKERS)}, got {cfg['rerank']!r}")
     if (cfg["num_candidates"] or 1) < 1 or cfg["keep"] < 1 or cfg["batch_size"] < 1 or cfg["caption_len"] < 1:
         raise ValueError("--num-candidates, --keep, --batch-size and --caption-len must be >= 1")
-    temperatures = [cfg["temperature"]] + ([] if cfg["caption_temperature"] is None else [cfg["caption_temperature"]])
-    if not all(t > 0 for t in temperatures) or cfg["top_k"] < 0 or not 0 <= cfg["top_p"] <= 1:
-        raise ValueError("--temperature and --caption-temperature must be > 0, --top-k >= 0 and --top-p in [0, 1]")
+    if not cfg["temperature"] > 0 or cfg["top_k"] < 0 or not 0 <= cfg["top_p"] <= 1:
+        raise ValueError("--temperature must be > 0, --top-k >= 0 and --top-p in [0, 1]")
+    caption_temperature(cfg["temperature"], cfg["caption_temperature"])
     check_guidance(cfg["guidance"])
+
+
+def caption_temperature(temperature: float, caption_temperature: float | None) -> float:
+    """The image -> text sampling temperature: caption_temperature, or temperature where it is None; > 0."""
+    t, flag = (temperature, "--temperature") if caption_temperature is None else (caption_temperature,
+                                                                                  "--caption-temperature")
+    if not t > 0:  # NaN too
+        raise ValueError(f"{flag} must be > 0, got {t}")
+    return t
 
 
 def check_guidance(guidance: float) -> None:
@@ -409,8 +418,7 @@ def main(argv: list | None = None) -> list:
     os.makedirs(cfg["out"], exist_ok=True)
     rows, i2t_rows, t2i_rows, skipped = [], [], [], []
     sample_kw = dict(rerank=cfg["rerank"], temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"])
-    caption_kw = {**sample_kw, "temperature": cfg["temperature"] if cfg["caption_temperature"] is None
-                  else cfg["caption_temperature"]}
+    caption_kw = {**sample_kw, "temperature": caption_temperature(cfg["temperature"], cfg["caption_temperature"])}
     for k, (kind, value) in enumerate(tqdm(items, desc="sampling", disable=not batch, dynamic_ncols=True)):
         g = torch.Generator(device=sampler.device).manual_seed(cfg["seed"])
         try:

@@ -359,8 +359,8 @@ def main(argv=None) -> None:
                                  f"got {args.vocab_size}")
             if os.path.isdir(args.captions) or args.captions.endswith(".jsonl"):  # prepare.py's captions
                 import data  # its readers of that format; imported here, so the library stays light
-                paths = [args.captions] if not os.path.isdir(args.captions) else [
-                    os.path.join(args.captions, stem + ".jsonl") for stem in data.split_parts(args.captions, "train")]
+                paths = [os.path.join(args.captions, stem + ".jsonl") for stem in data.split_parts(args.captions, "train")
+                         ] if os.path.isdir(args.captions) else [args.captions]
                 captions = [c for caps in data.CaptionLines(paths) for c in caps]
             else:
                 with open(args.captions, encoding="utf-8") as f:
