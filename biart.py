@@ -582,6 +582,16 @@ class BiART(nn.Module):
         x = self._trunk(idx, seg)  # (B, T, C)
         return -self._token_nll(x, idx, targets, None)['gen_sum']  # (B,)
 
+    @torch.no_grad()
+    def text_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Image->text logits of every caption place given the image and the caption before it:
+        (B, image_len) images, (B, text_len) captions in model ids -> (B, text_len, text_vocab),
+        column k being model id text_offset + k (restricted to text ids, EOT the last column)."""
+        idx, seg, _ = build_sequence(text, image, 'i2t', self.config)
+        c = self.config
+        h = self._trunk(idx, seg)[:, c.image_len + 1:c.image_len + 1 + c.text_len]  # places predicting the text
+        return self._restricted_logits(h, 'text')
+
     # --- sampling ---
     def _start_generation(self, cond: torch.Tensor, direction: str, num_samples: int, length: int | None,
                           temperature: float, top_k: int | None, top_p: float | None, guidance: float = 1.0,

@@ -169,6 +169,7 @@ def both_ways_flags(caption_candidates: int, top_k: int) -> dict:
         **temperature_flags(0.5, top_k),
         caption_temperature=(None, "image -> text sampling temperature (default: --temperature): more varied "
                                    "candidates give the reranker more to choose from", float),
+        caption_edits=(0, sample.CAPTION_EDITS_HELP),
         **GUIDANCE_FLAGS,
         seed=(0, "sampling seed"),
     )
@@ -716,13 +717,14 @@ def _mean_matches(matches: list) -> dict:
 def shapes_metrics(sampler: sample.Sampler, split: str = "test", num_objects: int = 1, limit: int = 200,
                    caption_candidates: int = 8, image_candidates: int = 8, temperature: float = 0.5,
                    top_k: int = 8, seed: int = 0, directions=("i2t", "t2i"), group: int = 8,
-                   guidance: float = 1.0, caption_temperature: float | None = None) -> dict:
+                   guidance: float = 1.0, caption_temperature: float | None = None, caption_edits: int = 0) -> dict:
     """Exact attribute accuracy of BiART on the first `limit` examples of a shapes split, per
     attribute and all-correct ('exact'), both for the first sample ('none': no reranking) and
     the self-reranked best ('self') of the same candidates. Image -> text: the caption is
     parsed back (shapes.parse_caption); text -> image: the drawn image is read back by the
     analyzer (shapes.analyze_image); example i draws its caption number i mod 5. Captions are
-    sampled at caption_temperature (None: temperature)."""
+    sampled at caption_temperature (None: temperature), the best refined by caption_edits rounds
+    of one-token edits (sample.Sampler.caption)."""
     size = sampler.image_size
     examples = [shapes.shapes_example(i, split, size, num_objects) for i in range(limit)]
     truths = [{"objects": e.objects, "relation": e.relation} for e in examples]
@@ -734,7 +736,8 @@ def shapes_metrics(sampler: sample.Sampler, split: str = "test", num_objects: in
         for i in tqdm(range(0, limit, group), desc=f"{split} image->text", leave=False, dynamic_ncols=True):
             views = [Image.fromarray(e.image) for e in examples[i:i + group]]
             for j, cands in enumerate(sampler.caption(sampler.encode_images(views), caption_candidates, **{
-                    **kw, "temperature": sample.caption_temperature(temperature, caption_temperature)})):
+                    **kw, "temperature": sample.caption_temperature(temperature, caption_temperature),
+                    "edits": caption_edits})):
                 first, best = cands[0][0], cands[sample.best_first([sc for _, sc in cands])[0]][0]
                 res["none"].append(shapes.match_attributes(shapes.parse_caption(first), truths[i + j]))
                 res["self"].append(shapes.match_attributes(shapes.parse_caption(best), truths[i + j]))
@@ -764,6 +767,7 @@ def run_shapes(args) -> dict:
         raise ValueError(f"--directions must be i2t, t2i or both, got {args.directions!r}")
     if args.limit < 1 or args.caption_candidates < 1 or args.image_candidates < 1:
         raise ValueError("--limit, --caption-candidates and --image-candidates must be >= 1")
+    sample.check_caption_edits(args.caption_edits)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     sample.check_guidance(args.guidance)
@@ -773,13 +777,14 @@ def run_shapes(args) -> dict:
     for split in splits:
         results[split] = shapes_metrics(s, split, args.num_objects, args.limit, args.caption_candidates,
                                         args.image_candidates, args.temperature, args.top_k, args.seed, directions,
-                                        guidance=args.guidance, caption_temperature=captions_at)
+                                        guidance=args.guidance, caption_temperature=captions_at,
+                                        caption_edits=args.caption_edits)
     keys = ["shape", "colour", "size", "position"] + (["relation"] if args.num_objects == 2 else []) + ["exact"]
     print(f"shapes: {args.limit} examples per split, {args.num_objects} object(s); exact = every attribute right; "
           f"candidates {args.caption_candidates} captions / {args.image_candidates} images, "
           f"temperature {args.temperature}"
           + ("" if args.caption_temperature is None else f" (captions {args.caption_temperature})")
-          + f", top-k {args.top_k}")
+          + f", top-k {args.top_k}" + (f", caption edits {args.caption_edits}" if args.caption_edits else ""))
     print(f"  {'split':<8} {'direction':<12} {'rerank':<6} " + " ".join(f"{k:>8}" for k in keys))
     for split in splits:
         for d, label in (("i2t", "image->text"), ("t2i", "text->image")):
@@ -968,6 +973,7 @@ def run_fashion(args) -> dict:
     if args.batch_size < 1 or args.classifier_epochs < 1 or args.grid_columns < 1 or args.temperature <= 0:
         raise ValueError("--batch-size, --classifier-epochs and --grid-columns must be >= 1, --temperature > 0")
     sample.check_guidance(args.guidance)
+    sample.check_caption_edits(args.caption_edits)
     captions_at = sample.caption_temperature(args.temperature, args.caption_temperature)
     device = runtime.resolve_device(args.device)
     test_pixels, test_labels = data.read_fashion_mnist(args.fashion_root, "test")
@@ -1001,7 +1007,7 @@ def run_fashion(args) -> dict:
               f"AugVAE-SL reconstructions of the first {n} test images right (what the tokens keep of the class)")
         g = torch.Generator(device=s.device).manual_seed(args.seed)
         res = fashion_i2t(s, test_pixels[:n], test_labels[:n], args.caption_candidates,
-                          {**kw, "temperature": captions_at, "generator": g},
+                          {**kw, "temperature": captions_at, "generator": g, "edits": args.caption_edits},
                           max(1, args.batch_size // args.caption_candidates))
         res["seconds"] = time.time() - t0
         results["i2t"] = res

@@ -15,8 +15,12 @@ reranked, the best --keep are decoded by AugVAE in fp32 and saved as PNGs, plus 
 captions above their images.
 
 Reranking (--rerank): the paper reranks with CLIP. BiART reads both orders, so by default
-('self') it scores each candidate with the OTHER direction's likelihood: a drawn image by
-log p(caption | image), a caption by log p(image tokens | caption). 'clip' uses a local CLIP
+('self') it scores each candidate itself: a drawn image by the other direction's likelihood
+log p(caption | image), a caption by both directions' log p(image tokens | caption) +
+log p(caption | image). --caption-edits then tries one-token changes of the best caption, the
+image->text side's likeliest other tokens at each place, and keeps those that raise that
+score: a word sampling seldom proposes (the shape of a colour/shape pair never captioned in
+training) is found where the image->text side ranks it second or third. 'clip' uses a local CLIP
 TorchScript file (OpenAI's released ViT-B-32.pt and friends are such files) given with
 --clip-model: cosine similarity of CLIP's image and text embeddings; 'none' keeps the order
 of sampling (the first candidate wins).
@@ -49,6 +53,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's input normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_CONTEXT = 77  # CLIP's text length: start, BPE ids, end, zeros
 RERANKERS = ("self", "clip", "none")
+CAPTION_EDITS_HELP = ("rounds of one-token edits of the best caption (0: off; needs the 'self' reranker): at each "
+                      "place the image->text side's two likeliest other tokens are tried, and an edit is kept when "
+                      "it raises log p(image | caption) + log p(caption | image); it finds words that sampling "
+                      "seldom proposes, such as the shape of a colour/shape pair never captioned in training")
+EDIT_ALTERNATIVES = 2  # tokens tried at each place of a caption per edit round (Sampler._edit)
 GUIDANCE_HELP = ("text->image guidance scale: each image token samples from uncond + S x (cond - uncond) "
                  "logits, uncond being BiART's own unconditional image model (its image->text order); "
                  "1: plain conditional sampling (the paper), > 1 follows the caption more closely")
@@ -65,7 +74,8 @@ FLAGS = dict(  # name: (default, help); each is the flag --name (underscores bec
     out=("out/samples", "output folder: results.jsonl, drawn images and grids"),
     num_candidates=(None, "candidates sampled per input (default: 64 per caption, the paper's, and 16 per image)", int),
     keep=(1, "text -> image: how many of the reranked images to keep per caption"),
-    rerank=("self", "'self' (BiART's other direction scores each candidate), 'clip' (needs --clip-model) or 'none' "
+    rerank=("self", "'self' (BiART scores each candidate: an image by log p(caption | image), a caption by "
+                    "log p(image | caption) + log p(caption | image)), 'clip' (needs --clip-model) or 'none' "
            "(keep the first sample)"),
     clip_model=("", "a CLIP TorchScript file for --rerank clip (OpenAI's released ViT-B-32.pt, ViT-L-14.pt, ...)"),
     temperature=(1.0, "sampling temperature (lower: more conservative)"),
@@ -73,6 +83,7 @@ FLAGS = dict(  # name: (default, help); each is the flag --name (underscores bec
     top_k=(0, "sample from the k most likely tokens of the target modality (0: no limit)"),
     top_p=(0.0, "nucleus sampling threshold in (0, 1] (0: off)"),
     guidance=(1.0, GUIDANCE_HELP),
+    caption_edits=(0, CAPTION_EDITS_HELP),
     caption_len=(32, "tokens sampled per caption (at most the model's text length); each is cut at its first full stop"),
     show_all=(False, "print every candidate with its score"),
     seed=(0, "random seed: the same seed gives the same output for an input"),
@@ -245,15 +256,56 @@ class Sampler:
         tx = tx / tx.norm(dim=-1, keepdim=True)
         return (100 * (im * tx).sum(-1)).cpu()
 
+    @torch.no_grad()
+    def _pair_scores(self, text: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        """log p(image | caption) + log p(caption | image) per row, both of BiART's readings of
+        the pair (a side with one row is broadcast)."""
+        return self._score(text, image_ids, "t2i") + self._score(image_ids, text, "i2t")
+
+    @torch.no_grad()
+    def _edit(self, text: torch.Tensor, image_ids: torch.Tensor, score: float) -> tuple:
+        """One round of one-token edits of one caption: (1, text_len) model ids, its image (1,
+        image_len) and pair score -> the best of the caption and every caption that differs from
+        it at one place, there taking one of the EDIT_ALTERNATIVES tokens image->text finds most
+        likely after the caption's own prefix (never its own token, never end-of-text), by
+        _pair_scores: (caption, score)."""
+        c = self.config
+        with self.ctx:
+            logits = self.gpt.text_logits(image_ids.to(self.device), text.to(self.device))[0].float().cpu()
+        logits[:, c.eot_id - c.text_offset] = -float("inf")
+        places = int((text[0] != c.pad_id).sum()) - 1  # the caption's tokens before its end-of-text
+        if places < 1:
+            return text, score
+        own = (text[0, :places] - c.text_offset)[:, None]
+        alt = logits[:places].scatter(1, own, -float("inf")).topk(EDIT_ALTERNATIVES, dim=1).indices  # (places, m)
+        variants = text.repeat(places * EDIT_ALTERNATIVES, 1)
+        rows = torch.arange(variants.size(0))
+        variants[rows, rows // EDIT_ALTERNATIVES] = alt.flatten() + c.text_offset
+        scores = self._pair_scores(variants, image_ids)
+        k = int(scores.argmax())
+        return (variants[k:k + 1], float(scores[k])) if scores[k] > score else (text, score)
+
+    def _edited(self, text: torch.Tensor, image_ids: torch.Tensor, score: float, rounds: int) -> str:
+        """Up to `rounds` rounds of _edit, stopping at the first that changes nothing -> the caption."""
+        for _ in range(rounds):
+            edited, score = self._edit(text, image_ids, score)
+            if edited is text:
+                break
+            text = edited
+        return cut_at_full_stop(tidy_caption(self.tok.decode(biart.text_from_model(text, self.config)[0])))
+
     # --- the two directions ---
     @torch.no_grad()
     def caption(self, image_ids: torch.Tensor, n: int, rerank: str = "self", caption_len: int = 32,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                generator: torch.Generator | None = None, views: list | None = None) -> list:
+                generator: torch.Generator | None = None, views: list | None = None, edits: int = 0) -> list:
         """(B, image_len) image ids -> per image, its candidates [(caption, score)] in sampling
         order, each cut at its first full stop, duplicates dropped. The score is
-        log p(image | caption) for 'self', CLIP similarity (needs `views`) for 'clip', None for
-        'none' and for a caption with no tokens. best_first() ranks them."""
+        log p(image | caption) + log p(caption | image) for 'self', CLIP similarity (needs
+        `views`) for 'clip', None for 'none' and for a caption with no tokens. edits ('self'
+        only): up to that many rounds of one-token edits (_edit) of the best candidate, the
+        result, where it is new, one more candidate at the end. best_first() ranks them."""
+        check_caption_edits(edits, rerank)
         length = min(caption_len, self.config.text_len)
         gen = self._generate(image_ids, "i2t", n, length, temperature, top_k, top_p, generator)
         texts = [cut_at_full_stop(tidy_caption(self.tok.decode(r))) for r in biart.text_from_model(gen, self.config)]
@@ -263,13 +315,23 @@ class Sampler:
             scorable = [c for c in unique if self.tok.encode(c)]
             scores = {}
             if rerank == "self" and scorable:
-                text = torch.stack([biart.caption_to_model(self.tok.encode(c), self.config, truncate=True)
-                                    for c in scorable])
-                scores = dict(zip(scorable, self._score(text, image_ids[b:b + 1], "t2i").tolist()))
+                image = image_ids[b:b + 1]
+                text = torch.stack([self._model_text(c) for c in scorable])
+                pair = self._pair_scores(text, image)
+                scores = dict(zip(scorable, pair.tolist()))
+                if edits:
+                    edited = self._edited(text[int(pair.argmax())][None], image, float(pair.max()), edits)
+                    if edited not in scores and self.tok.encode(edited):  # scored as it reads, after the cut
+                        scores[edited] = float(self._pair_scores(self._model_text(edited)[None], image)[0])
+                        unique.append(edited)
             elif rerank == "clip" and scorable:
                 scores = dict(zip(scorable, self._clip_scores(data.to_tensor(views[b])[None], scorable).tolist()))
             results.append([(c, scores.get(c)) for c in unique])
         return results
+
+    def _model_text(self, caption: str) -> torch.Tensor:
+        """A sampled caption -> (text_len,) model ids, cut to the model's text length."""
+        return biart.caption_to_model(self.tok.encode(caption), self.config, truncate=True)
 
     @torch.no_grad()
     def draw(self, text: torch.Tensor, n: int, rerank: str = "self", temperature: float = 1.0, top_k: int = 0,
@@ -385,6 +447,7 @@ def check_settings(cfg: dict) -> None:
     if not cfg["temperature"] > 0 or cfg["top_k"] < 0 or not 0 <= cfg["top_p"] <= 1:
         raise ValueError("--temperature must be > 0, --top-k >= 0 and --top-p in [0, 1]")
     caption_temperature(cfg["temperature"], cfg["caption_temperature"])
+    check_caption_edits(cfg["caption_edits"], cfg["rerank"])
     check_guidance(cfg["guidance"])
 
 
@@ -395,6 +458,13 @@ def caption_temperature(temperature: float, caption_temperature: float | None) -
     if not t > 0:  # NaN too
         raise ValueError(f"{flag} must be > 0, got {t}")
     return t
+
+
+def check_caption_edits(edits: int, rerank: str = "self") -> None:
+    if edits < 0:
+        raise ValueError(f"--caption-edits must be >= 0, got {edits}")
+    if edits and rerank != "self":
+        raise ValueError(f"--caption-edits needs --rerank self (edits raise BiART's own score), got --rerank {rerank}")
 
 
 def check_guidance(guidance: float) -> None:
@@ -418,7 +488,8 @@ def main(argv: list | None = None) -> list:
     os.makedirs(cfg["out"], exist_ok=True)
     rows, i2t_rows, t2i_rows, skipped = [], [], [], []
     sample_kw = dict(rerank=cfg["rerank"], temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"])
-    caption_kw = {**sample_kw, "temperature": caption_temperature(cfg["temperature"], cfg["caption_temperature"])}
+    caption_kw = {**sample_kw, "temperature": caption_temperature(cfg["temperature"], cfg["caption_temperature"]),
+                  "edits": cfg["caption_edits"]}
     for k, (kind, value) in enumerate(tqdm(items, desc="sampling", disable=not batch, dynamic_ncols=True)):
         g = torch.Generator(device=sampler.device).manual_seed(cfg["seed"])
         try:

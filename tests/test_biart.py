@@ -294,6 +294,23 @@ def test_score_equals_slow_sum_of_log_probs(positions):
                                    model.score(cond[:1].expand(3, -1), target, direction))
 
 
+@pytest.mark.parametrize('positions', ['sequence', 'canonical'])
+def test_text_logits_are_each_caption_places_next_token_logits(positions):
+    c = tiny_config(positions=positions)
+    model = make_model(c, double=True, sharpen=4.0)
+    text, image = random_batch(c, 3, seed=6)
+    got = model.text_logits(image, text)
+    assert got.shape == (3, c.text_len, c.text_vocab)
+    for b in range(3):  # place j: the image, [SOC] and the caption's first j tokens read one by one
+        prefix, segs = [c.soi_id] + image[b].tolist() + [c.soc_id], [REF] * (c.image_len + 1) + [GEN]
+        for j in range(c.text_len):
+            with torch.no_grad():
+                logits, _, _ = model(torch.tensor([prefix]), torch.tensor([segs]))
+            torch.testing.assert_close(got[b, j], logits[0, -1, c.text_offset:c.pad_id])
+            prefix.append(int(text[b, j]))
+            segs.append(GEN)
+
+
 # --- sampling ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('direction', ['t2i', 'i2t'])

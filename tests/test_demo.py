@@ -57,6 +57,7 @@ def test_demo_runs_every_stage_then_resumes_as_a_no_op(dtype, tmp_path):
                           "--limit", "2", "--splits", "test", "--caption-candidates", "2", "--image-candidates", "2",
                           "--temperature", str(settings["temperature"]), "--top-k", str(settings["top_k"]),
                           "--caption-temperature", str(settings["caption_temperature"]),
+                          "--caption-edits", str(settings["caption_edits"]),
                           "--guidance", str(settings["guidance"]), "--seed", str(settings["seed"]),
                           "--json", str(tmp_path / "shapes.json")])["test"]
     assert res["caption_exact_match"] == test["i2t"]["self"]["exact"]
@@ -83,6 +84,7 @@ def test_demo_runs_every_stage_then_resumes_as_a_no_op(dtype, tmp_path):
     (["--temperature", "-1"], "--temperature must be > 0, got -1.0"),
     (["--caption-temperature", "0"], "--caption-temperature must be > 0, got 0.0"),
     (["--image-candidates", "0"], "--image-candidates must be >= 1, got 0"),
+    (["--caption-edits", "-1"], "--caption-edits must be >= 0, got -1"),
     (["--data", "fashion-mnist", "--per-class", "1"], "--per-class must be >= 2, got 1"),
 ])
 def test_bad_flag_is_a_one_line_error(args, message, tmp_path, capsys):

@@ -187,7 +187,7 @@ def test_batch_texts_skip_bad_lines(trained, tmp_path):
 
 # --- reranking -------------------------------------------------------------------------------
 
-def test_self_rerank_scores_are_the_other_directions_likelihood(trained):
+def test_self_rerank_scores_are_the_models_own_likelihoods(trained):
     vae, gpt = trained
     s = sample.Sampler(vae, gpt, device="cpu", batch_size=5)  # 5: forces chunked calls
     ex = shapes.shapes_example(0, "test", 32)
@@ -208,7 +208,54 @@ def test_self_rerank_scores_are_the_other_directions_likelihood(trained):
         assert c.count(".") <= 1 and (not c or c.endswith(".") or "." not in c)  # cut at the full stop
         if sc is not None:
             t = biart.caption_to_model(s.tok.encode(c), s.config, truncate=True)[None]
-            assert abs(sc - s.gpt.score(t, image, "t2i").item()) < 1e-4  # log p(image | caption)
+            want = s.gpt.score(t, image, "t2i") + s.gpt.score(image, t, "i2t")  # log p(image | c) + log p(c | image)
+            assert abs(sc - want.item()) < 1e-4
+
+
+def test_caption_edit_is_the_best_one_token_change(trained, monkeypatch):
+    """With every token an alternative, one edit round must give the best caption among the
+    caption and all its one-token changes (never end-of-text), found here by brute force."""
+    vae, gpt = trained
+    s = sample.Sampler(vae, gpt, device="cpu", batch_size=64)
+    c = s.config
+    ex = shapes.shapes_example(1, "test", 32)
+    image = s.encode_images([Image.fromarray(ex.image)])
+    text = s.caption_ids("a small red square")[None]
+    pair = lambda t: s.gpt.score(t, image, "t2i") + s.gpt.score(image, t, "i2t")
+    score = float(pair(text)[0])
+    places = int((text[0] != c.pad_id).sum()) - 1
+    variants = [text.clone() for _ in range(places) for _ in range(c.text_vocab)]
+    for k, v in enumerate(variants):
+        v[0, k // c.text_vocab] = c.text_offset + k % c.text_vocab
+    keep = [v for v in variants if not torch.equal(v, text) and c.eot_id not in v[0, :places]]
+    assert len(keep) == places * (c.text_vocab - 2)
+    brute = torch.cat([pair(torch.cat(keep[i:i + 256])) for i in range(0, len(keep), 256)])
+    monkeypatch.setattr(sample, "EDIT_ALTERNATIVES", c.text_vocab - 2)
+    edited, edited_score = s._edit(text, image, score)
+    assert brute.max() > score  # an untrained-for caption: some change scores higher
+    assert torch.equal(edited, keep[int(brute.argmax())]) and abs(edited_score - float(brute.max())) < 1e-3
+
+    monkeypatch.setattr(sample, "EDIT_ALTERNATIVES", 2)  # the default: the two likeliest tokens at each place
+    edited, edited_score = s._edit(text, image, score)
+    changed = (edited != text).nonzero()[:, 1].tolist()
+    assert len(changed) == 1 and edited_score > score
+    j = changed[0]
+    logits = s.gpt.text_logits(image, text)[0, j]
+    logits[[int(text[0, j]) - c.text_offset, c.eot_id - c.text_offset]] = -float("inf")
+    assert int(edited[0, j]) - c.text_offset in logits.topk(2).indices.tolist()
+
+
+def test_caption_edits_add_the_edited_best_as_a_candidate(trained):
+    vae, gpt = trained
+    s = sample.Sampler(vae, gpt, device="cpu")
+    image = s.encode_images([Image.fromarray(shapes.shapes_example(2, "test", 32).image)])
+    (plain,) = s.caption(image, 6, generator=torch.Generator().manual_seed(0))
+    (edited,) = s.caption(image, 6, generator=torch.Generator().manual_seed(0), edits=3)
+    assert edited[:len(plain)] == plain and len(edited) == len(plain) + 1  # the same samples, then the edit
+    caption, score = edited[-1]
+    t = biart.caption_to_model(s.tok.encode(caption), s.config, truncate=True)[None]
+    assert abs(score - float(s.gpt.score(t, image, "t2i") + s.gpt.score(image, t, "i2t"))) < 1e-4
+    assert score > max(sc for _, sc in plain if sc is not None)
 
 
 class TinyClip(torch.nn.Module):
@@ -280,6 +327,8 @@ def other_vae(tmp_path_factory):
     ("bad_rerank", "--rerank must be one of"),
     ("bad_guidance", "--guidance must be >= 0"),
     ("bad_caption_temperature", "--caption-temperature must be > 0"),
+    ("bad_caption_edits", "--caption-edits must be >= 0"),
+    ("edits_without_self", "--caption-edits needs --rerank self"),
     ("missing_gpt", "no such file"),
 ])
 def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_path, capsys):
@@ -294,6 +343,8 @@ def test_bad_input_gives_one_line_error(case, message, trained, other_vae, tmp_p
         "bad_rerank": [*models(trained), "--text", "a red circle.", "--rerank", "best"],
         "bad_guidance": [*models(trained), "--text", "a red circle.", "--guidance", "nan"],
         "bad_caption_temperature": [*models(trained), "--text", "a red circle.", "--caption-temperature", "0"],
+        "bad_caption_edits": [*models(trained), "--text", "a red circle.", "--caption-edits", "-1"],
+        "edits_without_self": [*models(trained), "--text", "a red circle.", "--caption-edits", "1", "--rerank", "none"],
         "missing_gpt": ["--vae", vae, "--gpt", str(tmp_path / "nope.pt"), "--text", "a red circle."],
     }[case]
     code, _, err = cli(lambda: sample.main([*args, "--out", str(tmp_path / "out")]), capsys, "sample.py")
