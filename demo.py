@@ -321,18 +321,13 @@ def main(argv: list | None = None) -> dict:
                 "--image-candidates", str(cfg["image_candidates"]), "--seed", seed,
                 "--json", os.path.join(demo, "shapes.json")]))
             return
-        common = ["fashion", *models, "--fashion-root", cfg["fashion_root"], "--seed", seed,
-                  "--classifier", os.path.join(demo, "fashion_classifier.pt"), "--top-k", str(cfg["top_k"])]
-        captions = evaluate.main([*common, "--directions", "i2t", "--limit", str(cfg["eval_limit"]),
-                                  "--temperature", str(cfg["caption_temperature"]),
-                                  "--caption-edits", str(cfg["caption_edits"]),
-                                  "--caption-candidates", str(cfg["caption_candidates"]),
-                                  "--json", os.path.join(demo, "fashion_i2t.json")])
-        drawings = evaluate.main([*common, "--directions", "t2i", "--per-class", str(cfg["per_class"]),
-                                  "--temperature", str(cfg["temperature"]), "--guidance", str(cfg["guidance"]),
-                                  "--image-candidates", str(cfg["image_candidates"]), "--out", demo,
-                                  "--json", os.path.join(demo, "fashion_t2i.json")])
-        res.update(classifier=captions["classifier"], i2t=captions["i2t"], t2i=drawings["t2i"])
+        res.update(evaluate.main([  # both directions, each with its own generator seeded with --seed
+            "fashion", *models, *drawing, "--fashion-root", cfg["fashion_root"], "--seed", seed,
+            "--classifier", os.path.join(demo, "fashion_classifier.pt"), "--limit", str(cfg["eval_limit"]),
+            "--caption-temperature", str(cfg["caption_temperature"]), "--caption-edits", str(cfg["caption_edits"]),
+            "--caption-candidates", str(cfg["caption_candidates"]), "--per-class", str(cfg["per_class"]),
+            "--image-candidates", str(cfg["image_candidates"]), "--out", demo,
+            "--json", os.path.join(demo, "fashion.json")]))
     stage("evaluate", evaluation)
 
     def show():

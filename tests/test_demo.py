@@ -123,9 +123,8 @@ def test_fashion_demo_runs_every_stage_then_resumes_as_a_no_op(tmp_path):
                  "demo/t2i_none.png", "demo/real.png", "demo/results.jsonl", "demo/i2t_grid.png"):
         assert (out / path).exists(), path
     # the headline figures are evaluate.py's own on these models, settings and seed
-    i2t = json.loads((out / "demo" / "fashion_i2t.json").read_text())
-    t2i = json.loads((out / "demo" / "fashion_t2i.json").read_text())
-    assert i2t["i2t"]["images"] == 6 and i2t["settings"]["temperature"] == 0.25 and t2i["settings"]["temperature"] == 0.5
+    i2t = t2i = json.loads((out / "demo" / "fashion.json").read_text())
+    assert i2t["i2t"]["images"] == 6 and (i2t["settings"]["caption_temperature"], i2t["settings"]["temperature"]) == (0.25, 0.5)
     assert res["caption_accuracy"] == i2t["i2t"]["self"]["accuracy"]
     assert res["caption_accuracy_first_sample"] == i2t["i2t"]["none"]["accuracy"]
     assert res["image_accuracy"] == t2i["t2i"]["self"]["accuracy"] and res["image_fd"] == t2i["t2i"]["self"]["fd"]

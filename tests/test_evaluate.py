@@ -213,6 +213,9 @@ def test_errors_in_process(vaes, tmp_path):
         evaluate.main(["recon", "--vae", vaes["sl"][1], "--lpips-vgg", "vgg.pth"])
     with pytest.raises(ValueError, match="--split"):
         evaluate.main(["recon", "--vae", vaes["sl"][1], "--split", "nope"])
+    for sub in ("shapes", "fashion"):
+        with pytest.raises(ValueError, match="--caption-edits must be >= 0, got -1"):
+            evaluate.main([sub, "--caption-edits", "-1"])
     with pytest.raises(SystemExit):
         evaluate.main(["nope"])
 
@@ -282,6 +285,7 @@ def test_shapes_samples_captions_at_the_caption_temperature(tiny_models):
     hot = evaluated(caption_temperature=2.0)
     assert hot == best_captions(temperature=2.0)
     assert evaluated() == best_captions(temperature=0.5) != hot
+    assert evaluated(caption_edits=2) == best_captions(temperature=0.5, edits=2) != best_captions(temperature=0.5)
 
 
 def test_captions_writes_candidates_and_scores_them(tiny_models, tmp_path):
