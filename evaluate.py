@@ -730,14 +730,15 @@ def shapes_metrics(sampler: sample.Sampler, split: str = "test", num_objects: in
     truths = [{"objects": e.objects, "relation": e.relation} for e in examples]
     g = torch.Generator(device=sampler.device).manual_seed(seed)
     kw = dict(rerank="self", temperature=temperature, top_k=top_k, generator=g)
+    caption_kw = {**kw, "temperature": sample.caption_temperature(temperature, caption_temperature),
+                  "edits": caption_edits}
     out = {}
     if "i2t" in directions:
         t0, res, shown = time.time(), {"none": [], "self": []}, []
         for i in tqdm(range(0, limit, group), desc=f"{split} image->text", leave=False, dynamic_ncols=True):
             views = [Image.fromarray(e.image) for e in examples[i:i + group]]
-            for j, cands in enumerate(sampler.caption(sampler.encode_images(views), caption_candidates, **{
-                    **kw, "temperature": sample.caption_temperature(temperature, caption_temperature),
-                    "edits": caption_edits})):
+            for j, cands in enumerate(sampler.caption(sampler.encode_images(views), caption_candidates,
+                                                      **caption_kw)):
                 first, best = cands[0][0], cands[sample.best_first([sc for _, sc in cands])[0]][0]
                 res["none"].append(shapes.match_attributes(shapes.parse_caption(first), truths[i + j]))
                 res["self"].append(shapes.match_attributes(shapes.parse_caption(best), truths[i + j]))

@@ -270,12 +270,12 @@ class Sampler:
         likely after the caption's own prefix (never its own token, never end-of-text), by
         _pair_scores: (caption, score)."""
         c = self.config
-        with self.ctx:
-            logits = self.gpt.text_logits(image_ids.to(self.device), text.to(self.device))[0].float().cpu()
-        logits[:, c.eot_id - c.text_offset] = -float("inf")
         places = int((text[0] != c.pad_id).sum()) - 1  # the caption's tokens before its end-of-text
         if places < 1:
             return text, score
+        with self.ctx:
+            logits = self.gpt.text_logits(image_ids.to(self.device), text.to(self.device))[0].float().cpu()
+        logits[:, c.eot_id - c.text_offset] = -float("inf")
         own = (text[0, :places] - c.text_offset)[:, None]
         alt = logits[:places].scatter(1, own, -float("inf")).topk(EDIT_ALTERNATIVES, dim=1).indices  # (places, m)
         variants = text.repeat(places * EDIT_ALTERNATIVES, 1)
