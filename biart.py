@@ -372,10 +372,13 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        causal, mask = T > 1, None
         if cache is not None:
-            # prefill (pos 0, causal) or one new token that sees every cached position
-            assert pos == 0 or T == 1, 'the cache takes a prefix from position 0, then one token at a time'
+            # a prefix from place 0 (causal), one new token (sees every cached place), or several
+            # new tokens after the cached ones (token i sees the cache and new tokens 0 .. i)
             k, v = cache.update(k, v, pos)  # (B, nh, pos + T, hs)
+            if pos > 0 and T > 1:
+                causal, mask = False, torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
         elif x.device.type == 'cpu':
             # the CPU flash kernel runs forward + backward 30% faster on contiguous (B, nh, T, hs)
             # inputs than on these transposed views, with bit-identical results (bench.py row 1)
@@ -387,10 +390,11 @@ class CausalSelfAttention(nn.Module):
             # few hundred tokens (the demo's 88: 50 vs 15 ms a layer), as fast from ~400 on, and
             # faster at 1,089 (bench.py row 1b)
             with torch.autocast('cpu', enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout,
-                                                   is_causal=T > 1).to(q.dtype)  # (B, nh, T, hs)
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                   dropout_p=dropout, is_causal=causal).to(q.dtype)  # (B, nh, T, hs)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -574,13 +578,29 @@ class BiART(nn.Module):
         (restricted model, EOT included); (B,) in fp32 (fp64 for a double model). For 't2i' cond
         is text and target an image, for 'i2t' the reverse (text in model ids, following the
         padding policy). A batch dimension of size 1 on either side is broadcast, e.g. to score
-        64 candidate captions against one image. Call model.eval() first."""
+        64 candidate captions against one image: that condition is then run once and its keys and
+        values shared by every row. Call model.eval() first."""
         B = max(cond.size(0), target.size(0))
+        shared = cond.size(0) == 1 and B > 1
         cond, target = cond.expand(B, -1), target.expand(B, -1)
         text, image = (cond, target) if direction == 't2i' else (target, cond)
         idx, seg, targets = build_sequence(text, image, direction, self.config)
-        x = self._trunk(idx, seg)  # (B, T, C)
+        if shared:
+            x = self._trunk_shared_prefix(idx, seg, _layout(direction, self.config)[2] + 2, direction)
+        else:
+            x = self._trunk(idx, seg)  # (B, T, C)
         return -self._token_nll(x, idx, targets, None)['gen_sum']  # (B,)
+
+    def _trunk_shared_prefix(self, idx: torch.Tensor, seg: torch.Tensor, P: int, direction: str) -> torch.Tensor:
+        """_trunk of rows whose first P tokens are the same: those run once, in row 0, and every
+        row's remaining tokens attend to their cached keys and values -> (B, T, C)."""
+        B = idx.size(0)
+        caches = [KVCache(self.config.block_size) for _ in range(self.config.n_layer)]
+        head = self._trunk(idx[:1, :P], seg[:1, :P], caches, pos=0, direction=direction)  # (1, P, C)
+        for cache in caches:
+            cache.repeat_interleave(B)
+        tail = self._trunk(idx[:, P:], seg[:, P:], caches, pos=P, direction=direction)  # (B, T - P, C)
+        return torch.cat([head.expand(B, -1, -1), tail], dim=1)
 
     @torch.no_grad()
     def text_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from biart import (GEN, IGNORE_INDEX, REF, BiART, BiARTConfig, build_sequence, caption_to_model,  # noqa: E402
-                   check_text, filter_logits, text_from_model, text_to_model)
+from biart import (GEN, IGNORE_INDEX, REF, BiART, BiARTConfig, KVCache, build_sequence,  # noqa: E402
+                   caption_to_model, check_text, filter_logits, text_from_model, text_to_model)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # 1 thread: float64 sums in a fixed order
 
@@ -266,6 +266,24 @@ def test_loss_ignores_pad_targets_and_includes_eot():
 
 # --- scoring -----------------------------------------------------------------------------
 
+def slow_score(model: BiART, cond: torch.Tensor, target: torch.Tensor, direction: str) -> float:
+    """log p(target | cond) of one pair, one full forward per target token."""
+    c = model.config
+    first, second = (c.soc_id, c.soi_id) if direction == 't2i' else (c.soi_id, c.soc_id)
+    lo, hi = (0, c.image_vocab) if direction == 't2i' else (c.text_offset, c.pad_id)
+    prefix = [first] + cond.tolist() + [second]
+    segs = [REF] * (len(prefix) - 1) + [GEN]
+    total = 0.0
+    for tok in target.tolist():
+        if tok != c.pad_id:
+            with torch.no_grad():
+                logits, _, _ = model(torch.tensor([prefix]), torch.tensor([segs]))
+            total += logits[0, -1, lo:hi].log_softmax(-1)[tok - lo].item()
+        prefix.append(tok)
+        segs.append(GEN)
+    return total
+
+
 @pytest.mark.parametrize('positions', ['sequence', 'canonical'])
 def test_score_equals_slow_sum_of_log_probs(positions):
     c = tiny_config(positions=positions)
@@ -275,23 +293,32 @@ def test_score_equals_slow_sum_of_log_probs(positions):
         cond, target = (text, image) if direction == 't2i' else (image, text)
         got = model.score(cond, target, direction)
         assert got.shape == (3,)
-        first, second = (c.soc_id, c.soi_id) if direction == 't2i' else (c.soi_id, c.soc_id)
-        lo, hi = (0, c.image_vocab) if direction == 't2i' else (c.text_offset, c.pad_id)
-        for b in range(3):
-            prefix = [first] + cond[b].tolist() + [second]
-            segs = [REF] * (len(prefix) - 1) + [GEN]
-            total = 0.0
-            for t, tok in enumerate(target[b].tolist()):
-                if tok != c.pad_id:
-                    with torch.no_grad():
-                        logits, _, _ = model(torch.tensor([prefix]), torch.tensor([segs]))
-                    total += logits[0, -1, lo:hi].log_softmax(-1)[tok - lo].item()
-                prefix.append(tok)
-                segs.append(GEN)
-            assert abs(got[b].item() - total) < 1e-11  # fp64 throughout: attention in fp32 gave ~2e-8
-        # a single condition is broadcast over candidate targets
-        torch.testing.assert_close(model.score(cond[:1], target, direction),
-                                   model.score(cond[:1].expand(3, -1), target, direction))
+        # one condition broadcast over candidate targets: its prefix runs once, shared through the cache
+        shared = model.score(cond[:1], target, direction)
+        assert shared.shape == (3,)
+        for b in range(3):  # fp64 throughout: attention in fp32 gave ~2e-8
+            assert abs(got[b].item() - slow_score(model, cond[b], target[b], direction)) < 1e-11
+            assert abs(shared[b].item() - slow_score(model, cond[0], target[b], direction)) < 1e-11
+        # and one target broadcast over conditions
+        torch.testing.assert_close(model.score(cond, target[:1], direction),
+                                   model.score(cond, target[:1].expand(3, -1), direction), rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize('positions', ['sequence', 'canonical'])
+def test_cache_takes_several_tokens_after_a_prefix(positions):
+    """The trunk run in pieces through the KV cache (a prefix, then several tokens at once, then
+    one) gives the states of one causal pass over the whole sequence."""
+    c = tiny_config(positions=positions)
+    model = make_model(c, double=True, sharpen=4.0)
+    text, image = random_batch(c, 2, seed=7)
+    for direction in ('t2i', 'i2t'):
+        idx, seg, _ = build_sequence(text, image, direction, c)
+        whole = model._trunk(idx, seg)
+        caches = [KVCache(c.block_size) for _ in range(c.n_layer)]
+        cuts = [0, 5, 11, idx.size(1) - 1, idx.size(1)]
+        parts = [model._trunk(idx[:, a:b], seg[:, a:b], caches, pos=a, direction=direction)
+                 for a, b in zip(cuts, cuts[1:])]
+        torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize('positions', ['sequence', 'canonical'])
