@@ -591,14 +591,22 @@ class BiART(nn.Module):
             x = self._trunk(idx, seg)  # (B, T, C)
         return -self._token_nll(x, idx, targets, None)['gen_sum']  # (B,)
 
+    def _prefill(self, idx: torch.Tensor, seg: torch.Tensor, repeats: int = 1, direction: str | None = None,
+                 ) -> tuple[list[KVCache], torch.Tensor]:
+        """Fresh KV caches filled with (B, T) tokens from place 0, each row's keys and values then
+        given to `repeats` rows (row i -> rows i*repeats ..) -> (caches, (B, T, C) states)."""
+        caches = [KVCache(self.config.block_size) for _ in range(self.config.n_layer)]
+        h = self._trunk(idx, seg, caches, pos=0, direction=direction)
+        if repeats > 1:
+            for cache in caches:
+                cache.repeat_interleave(repeats)
+        return caches, h
+
     def _trunk_shared_prefix(self, idx: torch.Tensor, seg: torch.Tensor, P: int, direction: str) -> torch.Tensor:
         """_trunk of rows whose first P tokens are the same: those run once, in row 0, and every
         row's remaining tokens attend to their cached keys and values -> (B, T, C)."""
         B = idx.size(0)
-        caches = [KVCache(self.config.block_size) for _ in range(self.config.n_layer)]
-        head = self._trunk(idx[:1, :P], seg[:1, :P], caches, pos=0, direction=direction)  # (1, P, C)
-        for cache in caches:
-            cache.repeat_interleave(B)
+        caches, head = self._prefill(idx[:1, :P], seg[:1, :P], B, direction)  # head: (1, P, C)
         tail = self._trunk(idx[:, P:], seg[:, P:], caches, pos=P, direction=direction)  # (B, T - P, C)
         return torch.cat([head.expand(B, -1, -1), tail], dim=1)
 
@@ -685,17 +693,13 @@ class BiART(nn.Module):
         idx, seg, length, modality = self._start_generation(cond, direction, num_samples, length,
                                                             temperature, top_k, top_p, guidance)
         B, P = idx.shape
-        caches = [KVCache(self.config.block_size) for _ in range(self.config.n_layer)]
-        h = self._trunk(idx, seg, caches, pos=0)[:, -1]  # (B, C): the condition is run once
-        if num_samples > 1:
-            for cache in caches:
-                cache.repeat_interleave(num_samples)
-            h = h.repeat_interleave(num_samples, dim=0)  # (B * n, C)
+        caches, h = self._prefill(idx, seg, num_samples)  # the condition is run once
+        h = h[:, -1].repeat_interleave(num_samples, dim=0)  # (B * n, C)
         hu = None
         if guidance != 1.0:
             uidx, useg, other = self._unconditional_start(direction, h.size(0), idx.device)
-            ucaches = [KVCache(self.config.block_size) for _ in range(self.config.n_layer)]
-            hu = self._trunk(uidx, useg, ucaches, pos=0, direction=other)[:, -1]  # (B * n, C)
+            ucaches, hu = self._prefill(uidx, useg, direction=other)
+            hu = hu[:, -1]  # (B * n, C)
         out = torch.full((h.size(0), length), self.config.pad_id, dtype=torch.long, device=idx.device)
         finished = torch.zeros(h.size(0), dtype=torch.bool, device=idx.device)
         gen_seg = torch.full((h.size(0), 1), GEN, dtype=torch.long, device=idx.device)
